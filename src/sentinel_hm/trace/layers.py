@@ -1,0 +1,81 @@
+"""Layers: found in a model's module tree, or marked by the user with `add_layer`.
+
+Automatic detection (`find_layers`). A *block container* is an ``nn.ModuleList``
+or ``nn.Sequential`` with at least two non-leaf entries of the same class (the
+repeated blocks of a transformer or ResNet stage). The layers are the model's
+top-level children, where each block container is replaced by its entries and
+each module that holds a block container further down is replaced by its own
+children, recursively. Entries of a block container are never split further.
+So a GPT gives ``[tok_emb, pos_emb, drop, blocks.0, ..., blocks.N-1, ln_f,
+head]`` and a ResNet gives its stem modules, every residual block, then the
+pool and the classifier. A model with no block container gives its top-level
+children; a model without children is one layer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _is_block_container(module: nn.Module) -> bool:
+    if not isinstance(module, nn.ModuleList | nn.Sequential):
+        return False
+    classes = Counter(type(m) for m in module.children() if next(m.children(), None) is not None)
+    return any(count >= 2 for count in classes.values())
+
+
+def _holds_block_container(module: nn.Module) -> bool:
+    return any(_is_block_container(m) for m in module.modules())
+
+
+def find_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's layers as ``(qualified name, module)``, in registration order."""
+
+    def expand(prefix: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        out: list[tuple[str, nn.Module]] = []
+        for name, child in module.named_children():
+            qualified = f"{prefix}{name}"
+            if _is_block_container(child):
+                out.extend((f"{qualified}.{n}", m) for n, m in child.named_children())
+            elif _holds_block_container(child):
+                out.extend(expand(f"{qualified}.", child))
+            else:
+                out.append((qualified, child))
+        return out
+
+    layers = expand("", model)
+    return layers or [(type(model).__name__, model)]
+
+
+class _LayerBoundary(torch.autograd.Function):
+    """Identity whose autograd node marks a layer boundary in backward as well."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def add_layer(x: torch.Tensor) -> torch.Tensor:
+    """Mark the end of one layer and the start of the next; returns ``x`` (a view).
+
+    Call it between the layers of a forward pass, as in the original Sentinel:
+    ``x = sh.add_layer(x)``. Forward layer *i* and backward layer *i* are then
+    the ops between marks *i* and *i+1* (mark 0 is the start of the forward
+    pass). Outside a profile it costs one identity autograd node.
+    """
+    from sentinel_hm.trace.tracer import active_tracer
+
+    tracer = active_tracer()
+    if tracer is not None:
+        tracer.mark_layer(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _LayerBoundary.apply(x)
+    return x
