@@ -142,6 +142,8 @@ class Tracer:
         self._mode = _Mode(self)
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
         self._resolve_layers(layers)
+        if model is None:
+            self._enter_forward()
         self._t0 = 0.0
         self._wall_s = 0.0
 
@@ -307,7 +309,11 @@ class Tracer:
                 self._stage = Phase.BACKWARD
             return Phase.BACKWARD, self._node_layer.get(node)
         if self._stage is Phase.BACKWARD:
+            # Without a model to mark the forward pass, all that is not backward or the
+            # optimizer belongs to the forward pass (of the next micro-batch, here).
             self._stage = Phase.OTHER
+            if self._model is None:
+                self._enter_forward()
         if self._stage is Phase.FORWARD:
             return Phase.FORWARD, self._layer_stack[-1]
         return Phase.OTHER, None
@@ -377,7 +383,7 @@ class Tracer:
         if sid is None:
             return
         s = self._storages[sid]
-        if s.kind is None or s.kind is Kind.GRADIENT and kind is not Kind.GRADIENT:
+        if s.kind is None or (s.kind is Kind.GRADIENT and kind is not Kind.GRADIENT):
             s.kind = kind  # a parameter's storage stays a parameter even if seen as a grad
         if s.name is None:
             s.name = name

@@ -1,0 +1,83 @@
+"""``sentinel profile``: profile one step of a built-in or user workload into a trace file."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from sentinel_hm.report import summarize
+from sentinel_hm.trace import Trace, profile, save_chrome_trace, save_trace
+from sentinel_hm.workloads import SIZES, WORKLOADS, Workload, load_factory, make_workload
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "profile",
+        help="profile one training step into a trace file",
+        description="Profile one steady training step (after warm-up steps) into a trace file.",
+    )
+    add_workload_args(p)
+    p.add_argument("--warmup", type=int, default=2, metavar="N",
+                   help="plain steps before the profiled one; the last is timed (default 2)")
+    p.add_argument("--out", type=Path, default=Path("trace.json"),
+                   help="trace file to write (.json or .json.gz; default trace.json)")
+    p.add_argument("--chrome", type=Path, metavar="PATH",
+                   help="also write the step's timeline in Chrome trace format (Perfetto)")
+    p.add_argument("--quiet", action="store_true", help="do not print the summary")
+    p.set_defaults(run=run)
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", default="gpt", metavar="NAME",
+                   help=f"one of {', '.join(WORKLOADS)}, or package.module:factory for your own "
+                        "(a function returning model, optimizer, batch factory; model(*batch) "
+                        "returns the loss). Default gpt")
+    p.add_argument("--size", default="small", choices=SIZES,
+                   help="size of a built-in workload (default small)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default 0)")
+
+
+def build_workload(args: argparse.Namespace) -> Workload:
+    if ":" in args.workload:
+        return load_factory(args.workload, seed=args.seed)
+    return make_workload(args.workload, size=args.size, seed=args.seed)
+
+
+def profile_workload(workload: Workload, warmup: int, label: str) -> Trace:
+    """Warm up (timing the plain steps), profile one step, and record both times."""
+    plain_s = []
+    for i in range(warmup):
+        print(f"\r{label}: warm-up step {i + 1}/{warmup}", end="", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        workload.step()
+        plain_s.append(time.perf_counter() - start)
+    print(f"\r{label}: profiling one step...    ", end="", file=sys.stderr, flush=True)
+    trace = profile(workload.step, model=workload.model, optimizer=workload.optimizer)
+    print(f"\r{label}: profiled {len(trace.ops)} ops.      ", file=sys.stderr, flush=True)
+    meta = dict(trace.meta, workload=label)
+    if len(plain_s) > 1:  # the first warm-up step pays one-off costs (allocator, lazy state)
+        meta["plain_step_s"] = statistics.median(plain_s[1:])
+    return Trace(trace.ops, trace.storages, trace.layers, meta)
+
+
+def workload_label(args: argparse.Namespace) -> str:
+    return args.workload if ":" in args.workload else f"{args.workload}/{args.size}"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.warmup < 0:
+        from sentinel_hm.errors import SentinelError
+
+        raise SentinelError(f"--warmup {args.warmup} is negative: give 0 or more steps")
+    workload = build_workload(args)
+    trace = profile_workload(workload, args.warmup, workload_label(args))
+    out = save_trace(trace, args.out)
+    print(f"wrote {out}", file=sys.stderr)
+    if args.chrome:
+        print(f"wrote {save_chrome_trace(trace, args.chrome)}", file=sys.stderr)
+    if not args.quiet:
+        print(summarize(trace))
+    return 0
