@@ -58,7 +58,7 @@ def test_parameters_gradients_and_optimizer_state_are_found():
 
 
 def test_linear_saves_weight_view_recognised_as_parameter():
-    model, trace = _profiled_stack()
+    _, trace = _profiled_stack()
     named = _by_name(trace)
     # blocks.0's input does not require grad, so its weight (as weight.t()) is not saved;
     # every later Linear saves weight.t() to compute the gradient of its input.
@@ -88,7 +88,7 @@ def test_short_lived_and_long_lived():
 
 
 def test_layers_found_and_backward_linked_to_forward():
-    model, trace = _profiled_stack()
+    _, trace = _profiled_stack()
     assert [layer.name for layer in trace.layers] == ["blocks.0", "blocks.1", "blocks.2", "head"]
     phases_by_layer = {
         i: [op.phase for op in trace.ops if op.layer == i] for i in range(len(trace.layers))

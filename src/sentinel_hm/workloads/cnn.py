@@ -34,17 +34,18 @@ PRESETS: dict[str, CNNConfig] = {
         widths=(8, 16), blocks_per_stage=1, image_size=16, in_channels=3, n_classes=10,
         batch_size=4,
     ),
+    # small and up are ResNet-18 as adapted to CIFAR-sized inputs.
     "small": CNNConfig(
-        widths=(32, 64, 128), blocks_per_stage=1, image_size=32, in_channels=3, n_classes=10,
-        batch_size=32,
+        widths=(64, 128, 256, 512), blocks_per_stage=2, image_size=32, in_channels=3,
+        n_classes=10, batch_size=48,
     ),
     "medium": CNNConfig(
-        widths=(64, 128, 256), blocks_per_stage=2, image_size=32, in_channels=3, n_classes=10,
-        batch_size=32,
+        widths=(64, 128, 256, 512), blocks_per_stage=2, image_size=32, in_channels=3,
+        n_classes=10, batch_size=160,
     ),
     "large": CNNConfig(
-        widths=(64, 128, 256, 512), blocks_per_stage=2, image_size=32, in_channels=3,
-        n_classes=10, batch_size=64,
+        widths=(64, 128, 256, 512), blocks_per_stage=2, image_size=64, in_channels=3,
+        n_classes=10, batch_size=96,
     ),
 }
 

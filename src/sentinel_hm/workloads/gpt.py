@@ -34,13 +34,14 @@ PRESETS: dict[str, GPTConfig] = {
         vocab_size=128, seq_len=16, d_model=32, n_layers=2, n_heads=2, dropout=0.1, batch_size=2
     ),
     "small": GPTConfig(
-        vocab_size=4096, seq_len=256, d_model=256, n_layers=4, n_heads=4, dropout=0.1, batch_size=8
+        vocab_size=4096, seq_len=256, d_model=256, n_layers=6, n_heads=4, dropout=0.1, batch_size=8
     ),
     "medium": GPTConfig(
-        vocab_size=8192, seq_len=256, d_model=384, n_layers=6, n_heads=6, dropout=0.1, batch_size=16
+        vocab_size=8192, seq_len=512, d_model=384, n_layers=6, n_heads=6, dropout=0.1, batch_size=8
     ),
     "large": GPTConfig(
-        vocab_size=16384, seq_len=512, d_model=512, n_layers=8, n_heads=8, dropout=0.1, batch_size=16
+        vocab_size=16384, seq_len=1024, d_model=512, n_layers=8, n_heads=8, dropout=0.1,
+        batch_size=8,
     ),
 }
 

@@ -37,15 +37,15 @@ PRESETS: dict[str, LSTMConfig] = {
         vocab_size=128, seq_len=16, d_embed=32, d_hidden=32, n_layers=2, dropout=0.1, batch_size=2
     ),
     "small": LSTMConfig(
-        vocab_size=4096, seq_len=64, d_embed=256, d_hidden=256, n_layers=2, dropout=0.1,
-        batch_size=16,
+        vocab_size=8192, seq_len=128, d_embed=512, d_hidden=512, n_layers=2, dropout=0.1,
+        batch_size=20,
     ),
     "medium": LSTMConfig(
-        vocab_size=8192, seq_len=128, d_embed=512, d_hidden=512, n_layers=2, dropout=0.1,
-        batch_size=16,
+        vocab_size=16384, seq_len=256, d_embed=768, d_hidden=768, n_layers=2, dropout=0.1,
+        batch_size=20,
     ),
     "large": LSTMConfig(
-        vocab_size=16384, seq_len=128, d_embed=1024, d_hidden=1024, n_layers=3, dropout=0.1,
+        vocab_size=32768, seq_len=256, d_embed=1024, d_hidden=1024, n_layers=3, dropout=0.1,
         batch_size=32,
     ),
 }

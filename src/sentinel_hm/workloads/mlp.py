@@ -41,9 +41,9 @@ class MLPConfig:
 
 PRESETS: dict[str, MLPConfig] = {
     "tiny": MLPConfig(in_features=32, hidden=64, n_layers=3, n_classes=10, batch_size=8),
-    "small": MLPConfig(in_features=1024, hidden=2048, n_layers=6, n_classes=10, batch_size=512),
-    "medium": MLPConfig(in_features=1024, hidden=4096, n_layers=8, n_classes=10, batch_size=512),
-    "large": MLPConfig(in_features=1024, hidden=8192, n_layers=8, n_classes=10, batch_size=512),
+    "small": MLPConfig(in_features=1024, hidden=2048, n_layers=6, n_classes=10, batch_size=1024),
+    "medium": MLPConfig(in_features=1024, hidden=4096, n_layers=6, n_classes=10, batch_size=1024),
+    "large": MLPConfig(in_features=1024, hidden=8192, n_layers=6, n_classes=10, batch_size=1024),
 }
 
 
