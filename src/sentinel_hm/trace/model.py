@@ -15,9 +15,11 @@ the step have ``created_at=None``; storages still alive at the end have
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
+from itertools import accumulate
 
 
 class Phase(StrEnum):
@@ -141,19 +143,19 @@ class Trace:
     @cached_property
     def live_bytes(self) -> tuple[int, ...]:
         """Bytes of all storages live during each op (see the clock above)."""
+        return self.live_bytes_of(self.storages)
+
+    def live_bytes_of(self, storages: Iterable[StorageRecord]) -> tuple[int, ...]:
+        """Bytes of ``storages`` live during each op."""
         n = len(self.ops)
         delta = [0] * (n + 1)
-        for s in self.storages:
+        for s in storages:
             start = 0 if s.created_at is None else s.created_at
             end = n if s.freed_at is None else s.freed_at + 1
             if start < end:
                 delta[start] += s.nbytes
                 delta[end] -= s.nbytes
-        curve, total = [], 0
-        for i in range(n):
-            total += delta[i]
-            curve.append(total)
-        return tuple(curve)
+        return tuple(accumulate(delta[:n]))
 
     @property
     def peak_bytes(self) -> int:

@@ -41,7 +41,7 @@ PRESETS: dict[str, CNNConfig] = {
     ),
     "medium": CNNConfig(
         widths=(64, 128, 256, 512), blocks_per_stage=2, image_size=32, in_channels=3,
-        n_classes=10, batch_size=160,
+        n_classes=10, batch_size=128,
     ),
     "large": CNNConfig(
         widths=(64, 128, 256, 512), blocks_per_stage=2, image_size=64, in_channels=3,
