@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from torch.profiler import ProfilerActivity
-from torch.profiler import profile as torch_profile
 
 import sentinel_hm as sh
 from sentinel_hm.trace import Trace
+from sentinel_hm.trace.crosscheck import profile_with_reference, step_allocated_peak
 from sentinel_hm.workloads import Workload, make_workload
 from sentinel_hm.workloads.gpt import GPT, GPTConfig
 from sentinel_hm.workloads.mlp import PRESETS as MLP_PRESETS
@@ -83,28 +80,11 @@ def test_gpt_saved_bytes_per_layer_by_hand():
     assert _saved_by_layer(trace) == expected
 
 
-def _profiler_peak(path: str) -> int:
-    """Peak of bytes allocated during the profile, from torch.profiler's [memory] events."""
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    total = peak = 0
-    for e in memory:
-        total += e["args"]["Bytes"]
-        peak = max(peak, total)
-    return peak
-
-
 @pytest.mark.parametrize("name", ["mlp", "gpt"])
-def test_peak_agrees_with_torch_profiler(name, tmp_path):
+def test_peak_agrees_with_torch_profiler(name):
     wl = make_workload(name, "tiny")
     wl.step()
-    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trace = sh.profile(wl.step, model=wl.model, optimizer=wl.optimizer)
-    prof.export_chrome_trace(str(tmp_path / "torch.json"))
-    reference = _profiler_peak(str(tmp_path / "torch.json"))
-    # torch.profiler counts only what was allocated while it ran: compare with the live
-    # bytes of the storages the step created.
-    ours = max(trace.live_bytes_of(s for s in trace.storages if s.created_at is not None))
+    trace, reference = profile_with_reference(wl.step, model=wl.model, optimizer=wl.optimizer)
+    ours = step_allocated_peak(trace)
     assert reference > 0
     assert abs(ours - reference) <= 0.05 * reference, (ours, reference)
