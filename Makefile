@@ -24,6 +24,7 @@ demo: $(VENV)/.installed-plot
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-dev

@@ -16,7 +16,7 @@ from sentinel_hm.trace import save_chrome_trace, save_trace
 from sentinel_hm.workloads import SIZES, make_workload
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="profile the reference GPT and show what Sentinel sees",
                        description="Profile the reference GPT and print the trace summary; "
                                    "writes sentinel-report/ (trace and Chrome timeline).")

@@ -13,7 +13,7 @@ from sentinel_hm.trace import Trace, profile, save_chrome_trace, save_trace
 from sentinel_hm.workloads import SIZES, WORKLOADS, Workload, load_factory, make_workload
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "profile",
         help="profile one training step into a trace file",

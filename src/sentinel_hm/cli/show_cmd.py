@@ -10,7 +10,7 @@ from sentinel_hm.report import summarize
 from sentinel_hm.trace import load_trace, save_chrome_trace
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="print a trace file's summary",
                        description="Print a trace's summary: bytes by kind, short-lived share, "
                                    "saved bytes per layer, peak and where, op count, overhead.")

@@ -109,7 +109,7 @@ class _Mode(TorchDispatchMode):
         super().__init__()
         self._tracer = tracer
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return self._tracer._on_op(func, args, kwargs or {})
 
 
@@ -205,7 +205,7 @@ class Tracer:
             self._handles.append(module.register_forward_pre_hook(self._layer_pre_hook(index)))
             self._handles.append(module.register_forward_hook(self._layer_post_hook(index)))
 
-    def _layer_pre_hook(self, index: int):  # type: ignore[no-untyped-def]
+    def _layer_pre_hook(self, index: int):
         def hook(module: nn.Module, args: Any) -> None:
             if self._explicit or _in_backward():
                 return
@@ -215,7 +215,7 @@ class Tracer:
 
         return hook
 
-    def _layer_post_hook(self, index: int):  # type: ignore[no-untyped-def]
+    def _layer_post_hook(self, index: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self._explicit or _in_backward():
                 return
