@@ -28,7 +28,7 @@ def test_profile_then_show(tmp_path, capsys):
         assert needle in shown
 
 
-def test_user_factory(tmp_path, capsys, monkeypatch):
+def test_user_factory_in_current_directory(tmp_path, capsys, monkeypatch):
     (tmp_path / "my_factory.py").write_text(textwrap.dedent("""
         import torch
         from torch import nn
@@ -46,7 +46,7 @@ def test_user_factory(tmp_path, capsys, monkeypatch):
             opt = torch.optim.SGD(net.parameters(), lr=0.1)
             return net, opt, lambda: (torch.randn(4, 8), torch.randn(4, 1))
     """))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # found in the current directory, as `python -m` would
     out = tmp_path / "t.json"
     assert main(["profile", "--workload", "my_factory:build", "--out", str(out)]) == 0
     assert "trace of my_factory:build" in capsys.readouterr().out

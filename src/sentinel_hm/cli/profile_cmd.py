@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -42,6 +43,9 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 
 def build_workload(args: argparse.Namespace) -> Workload:
     if ":" in args.workload:
+        # Like `python -m`, look for the user's module in the current directory first.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         return load_factory(args.workload, seed=args.seed)
     return make_workload(args.workload, size=args.size, seed=args.seed)
 

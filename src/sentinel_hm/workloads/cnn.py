@@ -31,21 +31,37 @@ class CNNConfig:
 
 PRESETS: dict[str, CNNConfig] = {
     "tiny": CNNConfig(
-        widths=(8, 16), blocks_per_stage=1, image_size=16, in_channels=3, n_classes=10,
+        widths=(8, 16),
+        blocks_per_stage=1,
+        image_size=16,
+        in_channels=3,
+        n_classes=10,
         batch_size=4,
     ),
     # small and up are ResNet-18 as adapted to CIFAR-sized inputs.
     "small": CNNConfig(
-        widths=(64, 128, 256, 512), blocks_per_stage=2, image_size=32, in_channels=3,
-        n_classes=10, batch_size=48,
+        widths=(64, 128, 256, 512),
+        blocks_per_stage=2,
+        image_size=32,
+        in_channels=3,
+        n_classes=10,
+        batch_size=48,
     ),
     "medium": CNNConfig(
-        widths=(64, 128, 256, 512), blocks_per_stage=2, image_size=32, in_channels=3,
-        n_classes=10, batch_size=128,
+        widths=(64, 128, 256, 512),
+        blocks_per_stage=2,
+        image_size=32,
+        in_channels=3,
+        n_classes=10,
+        batch_size=128,
     ),
     "large": CNNConfig(
-        widths=(64, 128, 256, 512), blocks_per_stage=2, image_size=64, in_channels=3,
-        n_classes=10, batch_size=96,
+        widths=(64, 128, 256, 512),
+        blocks_per_stage=2,
+        image_size=64,
+        in_channels=3,
+        n_classes=10,
+        batch_size=96,
     ),
 }
 

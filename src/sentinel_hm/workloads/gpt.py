@@ -40,7 +40,12 @@ PRESETS: dict[str, GPTConfig] = {
         vocab_size=8192, seq_len=512, d_model=384, n_layers=6, n_heads=6, dropout=0.1, batch_size=8
     ),
     "large": GPTConfig(
-        vocab_size=16384, seq_len=1024, d_model=512, n_layers=8, n_heads=8, dropout=0.1,
+        vocab_size=16384,
+        seq_len=512,
+        d_model=768,
+        n_layers=8,
+        n_heads=12,
+        dropout=0.1,
         batch_size=8,
     ),
 }

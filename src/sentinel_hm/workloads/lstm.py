@@ -37,15 +37,30 @@ PRESETS: dict[str, LSTMConfig] = {
         vocab_size=128, seq_len=16, d_embed=32, d_hidden=32, n_layers=2, dropout=0.1, batch_size=2
     ),
     "small": LSTMConfig(
-        vocab_size=8192, seq_len=128, d_embed=512, d_hidden=512, n_layers=2, dropout=0.1,
+        vocab_size=8192,
+        seq_len=128,
+        d_embed=512,
+        d_hidden=512,
+        n_layers=2,
+        dropout=0.1,
         batch_size=20,
     ),
     "medium": LSTMConfig(
-        vocab_size=16384, seq_len=256, d_embed=768, d_hidden=768, n_layers=2, dropout=0.1,
+        vocab_size=16384,
+        seq_len=256,
+        d_embed=768,
+        d_hidden=768,
+        n_layers=2,
+        dropout=0.1,
         batch_size=20,
     ),
     "large": LSTMConfig(
-        vocab_size=32768, seq_len=256, d_embed=1024, d_hidden=1024, n_layers=3, dropout=0.1,
+        vocab_size=32768,
+        seq_len=256,
+        d_embed=1024,
+        d_hidden=1024,
+        n_layers=3,
+        dropout=0.1,
         batch_size=32,
     ),
 }
@@ -59,7 +74,10 @@ class LSTMLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_embed)
         self.drop_in = nn.Dropout(cfg.dropout)
         self.lstm = nn.LSTM(
-            cfg.d_embed, cfg.d_hidden, num_layers=cfg.n_layers, batch_first=True,
+            cfg.d_embed,
+            cfg.d_hidden,
+            num_layers=cfg.n_layers,
+            batch_first=True,
             dropout=cfg.dropout,
         )
         self.drop_out = nn.Dropout(cfg.dropout)
