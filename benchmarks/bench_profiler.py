@@ -5,7 +5,7 @@ see the same machine state. Target (issue 2): at most 1.25 for the GPT and the C
 
     python benchmarks/bench_profiler.py [--size small] [--repeats 7] [--workloads gpt,cnn]
 
-Writes benchmarks/results/profiler_<host>_<date>.json and .md.
+Writes benchmarks/results/profiler_<size>_cpu<cores>_<date>.json and .md.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main() -> int:
         trace, reference = profile_with_reference(wl.step, model=wl.model, optimizer=wl.optimizer)
         row["traced_peak_bytes"] = step_allocated_peak(trace)
         row["torch_profiler_peak_bytes"] = reference
-        row["target"] = TARGET.get(name)
+        row["target"] = TARGET.get(name) if args.size == "small" else None  # default size
         rows.append(row)
         print(f"\r{name}/{args.size}: plain {row['plain_median_s'] * 1e3:.1f} ms, profiled "
               f"{row['profiled_median_s'] * 1e3:.1f} ms, ratio {row['ratio']:.3f}",
@@ -94,7 +94,7 @@ def main() -> int:
         "repeats": args.repeats,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"profiler_cpu{os.cpu_count()}_{now:%Y-%m-%d}"
+    stem = args.out_dir / f"profiler_{args.size}_cpu{os.cpu_count()}_{now:%Y-%m-%d}"
     stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     lines = [
         f"# Profiler overhead, {now:%Y-%m-%d}",

@@ -41,7 +41,6 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
-from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -101,7 +100,22 @@ def _in_backward() -> bool:
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
-    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+    """Tensors in an op's arguments or results (nested tuples, lists and dicts).
+
+    Written out rather than `torch.utils._pytree`: this runs three times per op
+    and aten arguments nest at most one level (``Tensor[]``).
+    """
+    out: list[torch.Tensor] = []
+    stack = [tree]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, list | tuple):
+            stack.extend(reversed(x))
+        elif isinstance(x, dict):
+            stack.extend(reversed(list(x.values())))
+    return out
 
 
 class _Mode(TorchDispatchMode):
