@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     workload = make_workload("gpt", size=args.size, seed=0)
-    trace = profile_workload(workload, warmup=2, label=f"gpt/{args.size}")
+    trace = profile_workload(workload, warmup=3, label=f"gpt/{args.size}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     save_trace(trace, args.out_dir / "trace.json.gz")
     save_chrome_trace(trace, args.out_dir / "timeline.json")

@@ -21,8 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Profile one steady training step (after warm-up steps) into a trace file.",
     )
     add_workload_args(p)
-    p.add_argument("--warmup", type=int, default=2, metavar="N",
-                   help="plain steps before the profiled one; the last is timed (default 2)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N",
+                   help="plain steps before the profiled one; all but the first are timed "
+                        "(default 3)")
     p.add_argument("--out", type=Path, default=Path("trace.json"),
                    help="trace file to write (.json or .json.gz; default trace.json)")
     p.add_argument("--chrome", type=Path, metavar="PATH",
@@ -50,17 +51,25 @@ def build_workload(args: argparse.Namespace) -> Workload:
     return make_workload(args.workload, size=args.size, seed=args.seed)
 
 
+def _progress(message: str, done: bool = False) -> None:
+    """One updating status line on a terminal; plain lines in a log."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{message}", end="\n" if done else "", file=sys.stderr, flush=True)
+    elif done:
+        print(message, file=sys.stderr, flush=True)
+
+
 def profile_workload(workload: Workload, warmup: int, label: str) -> Trace:
     """Warm up (timing the plain steps), profile one step, and record both times."""
     plain_s = []
     for i in range(warmup):
-        print(f"\r{label}: warm-up step {i + 1}/{warmup}", end="", file=sys.stderr, flush=True)
+        _progress(f"{label}: warm-up step {i + 1}/{warmup}")
         start = time.perf_counter()
         workload.step()
         plain_s.append(time.perf_counter() - start)
-    print(f"\r{label}: profiling one step...    ", end="", file=sys.stderr, flush=True)
+    _progress(f"{label}: profiling one step")
     trace = profile(workload.step, model=workload.model, optimizer=workload.optimizer)
-    print(f"\r{label}: profiled {len(trace.ops)} ops.      ", file=sys.stderr, flush=True)
+    _progress(f"{label}: profiled one step, {len(trace.ops)} ops", done=True)
     meta = dict(trace.meta, workload=label)
     if len(plain_s) > 1:  # the first warm-up step pays one-off costs (allocator, lazy state)
         meta["plain_step_s"] = statistics.median(plain_s[1:])
