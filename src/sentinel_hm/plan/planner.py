@@ -1,0 +1,88 @@
+"""`make_plan` and `min_budget`: run a policy, check its plan in simulation, explain refusals."""
+
+from __future__ import annotations
+
+from sentinel_hm.errors import SentinelError
+from sentinel_hm.plan.cost import CostModel
+from sentinel_hm.plan.hardware import Access, Hardware
+from sentinel_hm.plan.model import Plan
+from sentinel_hm.plan.policies import DIRECT_ONLY, POLICIES, REGISTRY, Context, Infeasible
+from sentinel_hm.plan.presets import parse_hardware
+from sentinel_hm.sim.replay import SimResult, simulate
+from sentinel_hm.trace.model import Trace
+from sentinel_hm.units import format_bytes, parse_budget
+
+_MIN_BUDGET_RESOLUTION = 1 / 256  # bisection stops within this share of the all-fast peak
+
+
+def context(trace: Trace, hardware: Hardware | str) -> Context:
+    hw = parse_hardware(hardware) if isinstance(hardware, str) else hardware
+    return Context(trace, hw, CostModel(trace, hw))
+
+
+def check_policy(policy: str, hardware: Hardware) -> None:
+    if policy not in REGISTRY:
+        raise SentinelError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    if policy in DIRECT_ONLY and hardware.access is not Access.DIRECT:
+        raise SentinelError(
+            f"policy {policy} models OS page placement, which needs direct access to the slow "
+            f"tier; {hardware.name} uses {hardware.access.value} access: pick another policy"
+        )
+
+
+def _try(ctx: Context, budget: int, policy: str) -> tuple[Plan, SimResult] | None:
+    """The policy's plan and its replay, or None if it does not honour ``budget``."""
+    try:
+        plan = REGISTRY[policy](ctx, budget)
+    except Infeasible:
+        return None
+    result = simulate(ctx.trace, plan, ctx.hardware, cost=ctx.cost)
+    if result.overflow_bytes or result.peak_fast_bytes > budget:
+        return None
+    return plan, result
+
+
+def min_budget(ctx: Context, policy: str) -> int:
+    """The smallest budget (to 1/256 of the all-fast peak) at which ``policy`` fits."""
+    check_policy(policy, ctx.hardware)
+    hi = ctx.trace.peak_bytes
+    if _try(ctx, hi, policy) is None:
+        hi *= 2  # a policy may need headroom above the peak (demand fetches)
+        if _try(ctx, hi, policy) is None:
+            raise SentinelError(f"policy {policy} does not fit even twice the all-fast peak")
+    lo, step = 0, max(1, int(ctx.trace.peak_bytes * _MIN_BUDGET_RESOLUTION))
+    while hi - lo > step:
+        mid = (lo + hi) // 2
+        if _try(ctx, mid, policy) is None:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def make_plan(
+    trace: Trace,
+    hardware: Hardware | str,
+    budget: str | int,
+    policy: str = "sentinel",
+    *,
+    ctx: Context | None = None,
+) -> Plan:
+    """Plan ``trace`` on ``hardware`` within ``budget`` (bytes, "4GiB", or "20%" of the peak).
+
+    Raises `SentinelError` naming the smallest budget the policy can honour
+    when it cannot honour this one.
+    """
+    ctx = ctx or context(trace, hardware)
+    check_policy(policy, ctx.hardware)
+    budget_bytes = parse_budget(budget, trace.peak_bytes)
+    found = _try(ctx, budget_bytes, policy)
+    if found is None:
+        need = min_budget(ctx, policy)
+        raise SentinelError(
+            f"policy {policy} cannot honour a budget of {format_bytes(budget_bytes)} "
+            f"({budget_bytes / trace.peak_bytes:.0%} of the all-fast peak) on "
+            f"{ctx.hardware.name}: the smallest it can honour is {format_bytes(need)} "
+            f"({need / trace.peak_bytes:.0%}); raise the budget or try policy=sentinel"
+        )
+    return found[0]

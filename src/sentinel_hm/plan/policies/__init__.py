@@ -1,0 +1,8 @@
+"""Policies: named functions ``(Context, budget bytes) -> Plan``, registered by name."""
+
+from sentinel_hm.plan.policies import baselines, sentinel  # noqa: F401  (registers them)
+from sentinel_hm.plan.policies._common import DIRECT_ONLY, REGISTRY, Context, Infeasible
+
+POLICIES = tuple(REGISTRY)
+
+__all__ = ["DIRECT_ONLY", "POLICIES", "REGISTRY", "Context", "Infeasible"]

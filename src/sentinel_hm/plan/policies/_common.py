@@ -1,0 +1,147 @@
+"""What the policies share: a registry, intervals of layers, per-storage uses, move helpers."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+from sentinel_hm.errors import SentinelError
+from sentinel_hm.plan.cost import CostModel
+from sentinel_hm.plan.hardware import Access, Hardware
+from sentinel_hm.plan.model import Move, Plan, Tier
+from sentinel_hm.trace.model import Phase, StorageRecord, Trace
+
+MIN_MANAGED_BYTES = 4096  # smaller storages stay fast: a copy would cost more than it frees
+
+
+class Infeasible(SentinelError):
+    """The policy cannot keep the step within the budget."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a policy needs; built once per (trace, hardware) and shared by policies."""
+
+    trace: Trace
+    hardware: Hardware
+    cost: CostModel
+
+    @cached_property
+    def uses(self) -> dict[int, tuple[int, ...]]:
+        """storage id -> ops that read or write it, in order."""
+        return {
+            sid: tuple(sorted(set(reads) | set(writes)))
+            for sid, (reads, writes) in self.trace.accesses.items()
+        }
+
+    @cached_property
+    def long_lived(self) -> tuple[StorageRecord, ...]:
+        """Storages that outlive their layer instance and are used in the step."""
+        short = self.trace.short_lived_ids
+        return tuple(s for s in self.trace.storages if s.id not in short and self.uses[s.id])
+
+    @cached_property
+    def managed_candidates(self) -> tuple[StorageRecord, ...]:
+        """Long-lived storages worth moving (at least ``MIN_MANAGED_BYTES``)."""
+        return tuple(s for s in self.long_lived if s.nbytes >= MIN_MANAGED_BYTES)
+
+    def live_range(self, s: StorageRecord) -> tuple[int, int]:
+        last = len(self.trace.ops) - 1
+        return (0 if s.created_at is None else s.created_at,
+                last if s.freed_at is None else s.freed_at)
+
+    @cached_property
+    def first_backward_op(self) -> int | None:
+        return next((op.index for op in self.trace.ops if op.phase is Phase.BACKWARD), None)
+
+    def interval_starts(self, layers_per_interval: int, splits_per_layer: int = 1) -> tuple[int, ...]:
+        """First op of each interval: runs of ``layers_per_interval`` layer instances.
+
+        With ``splits_per_layer`` > 1 each layer instance is instead cut into that
+        many intervals of equal op counts (finer than a layer, for big blocks).
+        Segments outside every layer join the interval they fall in, except the
+        optimizer phase: it is cut into as many intervals as a forward pass has,
+        so that optimizer state can stream through fast memory in chunks.
+        """
+        k = layers_per_interval
+        n_layers = len({seg.layer for seg in self.trace.segments if seg.layer is not None})
+        starts = [0]
+
+        def cut(op: int) -> None:
+            if op > starts[-1]:
+                starts.append(op)
+
+        def chunks(first: int, last: int, count: int) -> None:
+            n = last - first + 1
+            count = max(1, min(count, n))
+            for c in range(count):
+                cut(first + c * n // count)
+
+        count = 0
+        for seg in self.trace.segments:
+            if seg.phase is Phase.OPTIMIZER:
+                chunks(seg.first_op, seg.last_op, -(-n_layers * splits_per_layer // k))
+                count = k  # what follows the optimizer starts a new interval
+            elif seg.layer is not None:
+                if splits_per_layer > 1:
+                    chunks(seg.first_op, seg.last_op, splits_per_layer)
+                    continue
+                if count == k:
+                    cut(seg.first_op)
+                    count = 0
+                count += 1
+            elif count == k and seg.phase is not Phase.FORWARD:
+                cut(seg.first_op)
+                count = 0
+        return tuple(starts)
+
+
+def interval_of(starts: tuple[int, ...], op: int) -> int:
+    return bisect_right(starts, op) - 1
+
+
+def empty_plan(
+    ctx: Context,
+    policy: str,
+    budget: int,
+    *,
+    placement: dict[int, int] | None = None,
+    moves: list[Move] | None = None,
+    info: dict[str, object] | None = None,
+) -> Plan:
+    """A plan for this context; moves are sorted by issue point (stable)."""
+    ordered = sorted(moves or (), key=lambda m: m.issue_at)
+    return Plan(policy, ctx.hardware.name, budget, len(ctx.trace.ops), len(ctx.trace.storages),
+                placement=dict(placement or {}), moves=tuple(ordered), info=dict(info or {}))
+
+
+def slow_homed(ctx: Context, s: StorageRecord) -> tuple[int, list[Move]]:
+    """Placement and moves for a storage whose home is the slow tier.
+
+    Direct access: it lives in slow memory and ops use it in place. Migrate
+    access: it is fetched on demand at each use (by the simulator or runtime)
+    and evicted right after; the op that creates it writes it in fast memory.
+    """
+    if ctx.hardware.access is Access.DIRECT:
+        return 0, []
+    start, end = ctx.live_range(s)
+    moves = [Move(s.id, Tier.SLOW, op + 1, s.nbytes) for op in ctx.uses[s.id] if op + 1 <= end]
+    placement = 0 if s.created_at is None else s.nbytes
+    return placement, moves
+
+
+PolicyFn = Callable[[Context, int], Plan]
+REGISTRY: dict[str, PolicyFn] = {}
+DIRECT_ONLY: set[str] = set()
+
+
+def register(name: str, *, direct_only: bool = False) -> Callable[[PolicyFn], PolicyFn]:
+    def wrap(fn: PolicyFn) -> PolicyFn:
+        REGISTRY[name] = fn
+        if direct_only:
+            DIRECT_ONLY.add(name)
+        return fn
+
+    return wrap

@@ -1,0 +1,343 @@
+"""Deterministic replay of (Trace, Plan, Hardware): predicted step time and fast-memory use.
+
+NOTE [Simulator rules]
+- One compute stream runs the ops in trace order; each op takes the cost
+  model's time (direct access: longer when it touches slow bytes in place).
+- Each direction of the link is a FIFO served by ``copy_engines`` engines
+  that share the direction's bandwidth; a copy takes ``latency +
+  bytes / bandwidth``.
+- Fast-tier occupancy = storages the plan leaves alone (always fast) + the
+  fast bytes of managed storages + prefetches in flight (reserved when the
+  copy starts) + evictions in flight (released when the copy ends). The
+  capacity is the plan's budget; it is never exceeded silently:
+  * a prefetch starts only when its bytes fit, else it waits (in FIFO order)
+    for evictions or frees;
+  * an op that allocates, or that needs data not yet fast (migrate access),
+    stalls until evictions in flight release enough; if nothing in flight
+    can, the excess is recorded as ``overflow_bytes`` (a plan error).
+- Migrate access: an op waits for the prefetches of the data it touches; data
+  the plan did not prefetch is fetched on demand (a stall) and stays fast
+  until the plan evicts it.
+- An eviction of data that is unchanged since it came from the slow tier
+  ("clean") copies nothing.
+- The step ends when compute and every copy have finished (copies that would
+  overlap the next step are charged to this one: conservative).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+from sentinel_hm.plan.cost import CostModel
+from sentinel_hm.plan.hardware import Access, Hardware
+from sentinel_hm.plan.model import Move, Plan, Tier
+from sentinel_hm.trace.model import Trace
+
+
+@dataclass(frozen=True)
+class Copy:
+    storage: int
+    to: Tier
+    nbytes: int
+    start_s: float
+    end_s: float
+    demand: bool  # fetched because an op needed it, not issued by the plan
+
+
+@dataclass(frozen=True)
+class SimResult:
+    step_s: float
+    compute_s: float
+    stall_s: float
+    bytes_to_fast: int
+    bytes_to_slow: int
+    peak_fast_bytes: int
+    overflow_bytes: int
+    fast_bytes: tuple[int, ...]  # occupancy during each op
+    op_start_s: tuple[float, ...] = ()
+    op_end_s: tuple[float, ...] = ()
+    copies: tuple[Copy, ...] = field(default=())
+
+
+def _with_step_time(result: SimResult, step_s: float) -> SimResult:
+    from dataclasses import replace
+
+    return replace(result, step_s=step_s)
+
+
+def simulate(
+    trace: Trace,
+    plan: Plan,
+    hardware: Hardware,
+    *,
+    cost: CostModel | None = None,
+    timeline: bool = False,
+) -> SimResult:
+    """Replay the step under ``plan``; see NOTE [Simulator rules]."""
+    return _Replay(trace, plan, hardware, cost or CostModel(trace, hardware), timeline).run()
+
+
+class _Replay:
+    def __init__(
+        self, trace: Trace, plan: Plan, hw: Hardware, cost: CostModel, timeline: bool
+    ) -> None:
+        if plan.n_ops != len(trace.ops) or plan.n_storages != len(trace.storages):
+            from sentinel_hm.errors import SentinelError
+
+            raise SentinelError(
+                f"plan was made for a trace with {plan.n_ops} ops and {plan.n_storages} "
+                f"storages, this trace has {len(trace.ops)} and {len(trace.storages)}: "
+                "plan this trace again"
+            )
+        self.trace, self.plan, self.hw, self.cost = trace, plan, hw, cost
+        self.want_timeline = timeline
+        self.capacity = plan.budget_bytes
+        self.direct = hw.access is Access.DIRECT
+        n = len(trace.ops)
+        managed = plan.managed
+        storages = trace.storages
+        self.nbytes = [s.nbytes for s in storages]
+        self.base_live = trace.live_bytes_of(s for s in storages if s.id not in managed)
+        self.moves_at: dict[int, list[Move]] = {}
+        for mv in plan.moves:
+            self.moves_at.setdefault(mv.issue_at, []).append(mv)
+        self.created_at: dict[int, list[int]] = {}
+        self.freed_at: dict[int, list[int]] = {}
+        self.initial: list[int] = []
+        self.leftover: list[int] = []
+        for sid in managed:
+            s = storages[sid]
+            if s.created_at is None:
+                self.initial.append(sid)
+            elif s.freed_at is None:
+                self.leftover.append(sid)
+            else:
+                self.created_at.setdefault(s.created_at, []).append(sid)
+            if s.freed_at is not None:
+                self.freed_at.setdefault(s.freed_at, []).append(sid)
+        self.touch: dict[int, tuple[int, ...]] = {}
+        self.written: dict[int, tuple[int, ...]] = {}
+        for op in trace.ops:
+            touched = tuple(dict.fromkeys(s for s in (*op.inputs, *op.outputs) if s in managed))
+            if touched:
+                self.touch[op.index] = touched
+                self.written[op.index] = tuple(s for s in op.outputs if s in managed)
+        self.n_ops = n
+        # replay state, set up by run()
+        self.t = 0.0
+        self.managed_fast = 0
+        self.overflow = 0
+        self.stall_s = self.compute_s = 0.0
+        self.to_fast = self.to_slow = 0
+        self.releases: list[tuple[float, int]] = []
+        self.copies: list[Copy] = []
+
+    # -- copies --------------------------------------------------------------------------------
+
+    def _lane(self, to: Tier) -> tuple[list[float], float]:
+        link = self.hw.link
+        if to is Tier.FAST:
+            return self.h2d_lanes, link.h2d_bytes_per_s / link.copy_engines
+        return self.d2h_lanes, link.d2h_bytes_per_s / link.copy_engines
+
+    def _copy(self, sid: int, to: Tier, nbytes: int, ready_s: float, demand: bool) -> float:
+        lanes, bandwidth = self._lane(to)
+        k = min(range(len(lanes)), key=lanes.__getitem__)
+        start = max(ready_s, lanes[k])
+        end = start + self.hw.link.latency_s + nbytes / bandwidth
+        lanes[k] = end
+        if self.timeline:
+            self.copies.append(Copy(sid, to, nbytes, start, end, demand))
+        return end
+
+    def _release_until(self, t: float) -> None:
+        rel = self.releases
+        while rel and rel[0][0] <= t:
+            self.managed_fast -= heapq.heappop(rel)[1]
+
+    def _make_room(self, need: int, base: int) -> None:
+        """Stall compute until ``need`` more bytes fit, or record the overflow."""
+        self._release_until(self.t)
+        while base + self.managed_fast + need > self.capacity and self.releases:
+            when, freed = heapq.heappop(self.releases)
+            if when > self.t:
+                self.stall_s += when - self.t
+                self.t = when
+            self.managed_fast -= freed
+        over = base + self.managed_fast + need - self.capacity
+        self.overflow = max(self.overflow, over)
+
+    def _start_prefetch(self, sid: int, nbytes: int, issued_s: float, demand: bool) -> None:
+        self.managed_fast += nbytes
+        self.fast[sid] += nbytes
+        self.ready[sid] = self._copy(sid, Tier.FAST, nbytes, max(issued_s, self.t), demand)
+        self.clean[sid] = True
+        self.to_fast += nbytes
+
+    def _pump(self, base: int) -> None:
+        """Start pending prefetches, in order, while they fit."""
+        self._release_until(self.t)
+        pending = self.pending
+        while pending:
+            sid, nbytes, issued = pending[0]
+            if base + self.managed_fast + nbytes > self.capacity:
+                return
+            pending.popleft()
+            self.pending_ids.discard(sid)
+            self._start_prefetch(sid, nbytes, issued, demand=False)
+
+    def _force(self, sid: int, base: int) -> None:
+        """An op needs ``sid`` in fast memory now (migrate access)."""
+        missing = self.nbytes[sid] - self.fast[sid]
+        if sid in self.pending_ids:
+            # start everything queued before it too: FIFO
+            while self.pending:
+                qsid, nbytes, issued = self.pending.popleft()
+                self.pending_ids.discard(qsid)
+                self._make_room(nbytes, base)
+                self._start_prefetch(qsid, nbytes, issued, demand=False)
+                if qsid == sid:
+                    break
+        elif missing > 0:
+            self._make_room(missing, base)
+            self._start_prefetch(sid, missing, self.t, demand=True)
+
+    # -- the replay ----------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        link = self.hw.link
+        self.h2d_lanes = [0.0] * link.copy_engines
+        self.d2h_lanes = [0.0] * link.copy_engines
+        self.releases = []
+        self.pending: deque[tuple[int, int, float]] = deque()
+        self.pending_ids: set[int] = set()
+        n_st = len(self.nbytes)
+        self.fast = [0] * n_st
+        self.ready = [0.0] * n_st
+        self.clean = [False] * n_st
+        self.t = 0.0
+        self.managed_fast = 0
+        for sid in self.initial:
+            fb = self.plan.placement.get(sid, self.nbytes[sid])
+            self.fast[sid] = fb
+            self.clean[sid] = True  # a steady step: the slow copy is current
+            self.managed_fast += fb
+        # NOTE [Steady-state step time]: copies issued late in a step overlap the start of
+        # the next one, so the step is replayed twice and the second is measured, from the
+        # end of the first step's compute to the end of its own.
+        self._step(record=False)
+        first_end = self.t
+        for sid in self.leftover:  # created in the step and never freed: replaced next step
+            self.managed_fast -= self.fast[sid]
+            self.fast[sid] = 0
+        result = self._step(record=True)
+        return result if first_end == 0 else _with_step_time(result, self.t - first_end)
+
+    def _step(self, record: bool) -> SimResult:
+        self.copies = []
+        self.stall_s = 0.0
+        self.compute_s = 0.0
+        self.overflow = 0
+        self.to_fast = self.to_slow = 0
+        self.timeline = self.want_timeline and record
+        placement = self.plan.placement
+        fast, nbytes, ready, clean = self.fast, self.nbytes, self.ready, self.clean
+        base_s, base_live = self.cost.base_s, self.base_live
+        occupancy = [0] * self.n_ops
+        starts: list[float] = []
+        ends: list[float] = []
+        peak = 0
+        step_start = self.t
+        for i in range(self.n_ops):
+            base = base_live[i]
+            moves = self.moves_at.get(i)
+            if moves:
+                self._release_until(self.t)
+                for mv in moves:
+                    self._issue(mv, base)
+            created = self.created_at.get(i)
+            if created:
+                for sid in created:
+                    fb = placement.get(sid, nbytes[sid])
+                    self._make_room(fb, base)
+                    fast[sid] = fb
+                    clean[sid] = False  # new data: an eviction must copy it
+                    self.managed_fast += fb
+            elif base + self.managed_fast > self.capacity:
+                self._make_room(0, base)
+            touched = self.touch.get(i)
+            duration = base_s[i]
+            if touched:
+                if self.direct:
+                    slow = {s: 1 - fast[s] / nbytes[s] for s in touched if fast[s] < nbytes[s]}
+                    if slow:
+                        duration = self.cost.direct_time(i, slow)
+                else:
+                    for sid in touched:
+                        if fast[sid] < nbytes[sid]:
+                            self._force(sid, base)
+                        if ready[sid] > self.t:
+                            self.stall_s += ready[sid] - self.t
+                            self.t = ready[sid]
+                for sid in self.written[i]:
+                    clean[sid] = False
+            occ = base + self.managed_fast
+            occupancy[i] = occ
+            if occ > peak:
+                peak = occ
+            if self.timeline:
+                starts.append(self.t)
+            self.t += duration
+            self.compute_s += duration
+            if self.timeline:
+                ends.append(self.t)
+            freed = self.freed_at.get(i)
+            if freed:
+                for sid in freed:
+                    self.managed_fast -= fast[sid]
+                    fast[sid] = 0
+                    if sid in self.pending_ids:
+                        self.pending_ids.discard(sid)
+                        self.pending = deque(p for p in self.pending if p[0] != sid)
+            if self.pending:
+                self._pump(base_live[i + 1] if i + 1 < self.n_ops else base)
+        for mv in self.moves_at.get(self.n_ops, ()):  # issued at the end of the step
+            self._issue(mv, 0)
+        end = max(self.t, *self.h2d_lanes, *self.d2h_lanes)
+        return SimResult(
+            step_s=end - step_start,
+            compute_s=self.compute_s,
+            stall_s=self.stall_s,
+            bytes_to_fast=self.to_fast,
+            bytes_to_slow=self.to_slow,
+            peak_fast_bytes=peak,
+            overflow_bytes=self.overflow,
+            fast_bytes=tuple(occupancy),
+            op_start_s=tuple(starts),
+            op_end_s=tuple(ends),
+            copies=tuple(self.copies),
+        )
+
+    def _issue(self, mv: Move, base: int) -> None:
+        sid = mv.storage
+        if mv.to is Tier.SLOW:
+            nbytes = min(mv.nbytes, self.fast[sid])
+            if nbytes <= 0:
+                return
+            self.fast[sid] -= nbytes
+            if self.clean[sid]:
+                self.managed_fast -= nbytes  # the slow copy is current: nothing to copy
+                return
+            end = self._copy(sid, Tier.SLOW, nbytes, max(self.t, self.ready[sid]), demand=False)
+            heapq.heappush(self.releases, (end, nbytes))
+            self.to_slow += nbytes
+            self.clean[sid] = True
+        else:
+            nbytes = min(mv.nbytes, self.nbytes[sid] - self.fast[sid])
+            if nbytes <= 0 or sid in self.pending_ids:
+                return
+            self.pending.append((sid, nbytes, self.t))
+            self.pending_ids.add(sid)
+            self._pump(base)
