@@ -126,7 +126,7 @@ def slow_homed(ctx: Context, s: StorageRecord) -> tuple[int, list[Move]]:
     """
     if ctx.hardware.access is Access.DIRECT:
         return 0, []
-    start, end = ctx.live_range(s)
+    _start, end = ctx.live_range(s)
     moves = [Move(s.id, Tier.SLOW, op + 1, s.nbytes) for op in ctx.uses[s.id] if op + 1 <= end]
     placement = 0 if s.created_at is None else s.nbytes
     return placement, moves

@@ -32,6 +32,7 @@ budget as a hard capacity (copies wait for room), so the prediction honours it.
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
 
 from sentinel_hm.plan.hardware import Access
@@ -67,7 +68,7 @@ def _gaps(ctx: Context, s: StorageRecord, starts: tuple[int, ...]) -> list[_Gap]
     used = sorted({interval_of(starts, op) for op in ctx.uses[s.id]})
     out = [
         _Gap(s.id, s.nbytes, u1 + 1, u2 - 1, ((u1 + 1, u2 - 2),), False)
-        for u1, u2 in zip(used, used[1:], strict=False)
+        for u1, u2 in itertools.pairwise(used)
         if u2 - u1 >= 3
     ]
     if s.freed_at is None and s.created_at is None:
@@ -88,7 +89,7 @@ def _gaps(ctx: Context, s: StorageRecord, starts: tuple[int, ...]) -> list[_Gap]
 def _interval_peaks(ctx: Context, starts: tuple[int, ...]) -> list[int]:
     live = ctx.trace.live_bytes
     bounds = [*starts, len(live)]
-    return [max(live[a:b], default=0) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [max(live[a:b], default=0) for a, b in itertools.pairwise(bounds)]
 
 
 def plan_intervals(
