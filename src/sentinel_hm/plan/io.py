@@ -1,0 +1,85 @@
+"""Plan files: versioned JSON, like trace files (gzip when the name ends in ``.gz``)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+from sentinel_hm.errors import SentinelError
+from sentinel_hm.plan.model import Move, Plan, Tier
+
+FORMAT = "sentinel-hm/plan"
+SCHEMA_VERSION = 1
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": SCHEMA_VERSION,
+        "policy": plan.policy,
+        "hardware": plan.hardware,
+        "budget_bytes": plan.budget_bytes,
+        "n_ops": plan.n_ops,
+        "n_storages": plan.n_storages,
+        "placement": [[sid, fast] for sid, fast in sorted(plan.placement.items())],
+        "moves": [[m.storage, m.to.value, m.issue_at, m.nbytes] for m in plan.moves],
+        "info": plan.info,
+    }
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    path = Path(path)
+    text = json.dumps(plan_to_dict(plan), separators=(",", ":"))
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+    except FileNotFoundError:
+        raise SentinelError(f"{path}: no such file") from None
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SentinelError(f"{path}: not a readable plan file ({e})") from None
+    return plan_from_dict(data, str(path))
+
+
+def plan_from_dict(data: Any, source: str = "plan") -> Plan:
+    def fail(message: str) -> SentinelError:
+        return SentinelError(f"{source}: {message}")
+
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise fail(f'not a sentinel-hm plan (no "format": "{FORMAT}")')
+    if data.get("version") != SCHEMA_VERSION:
+        raise fail(f"plan schema version {data.get('version')!r} is not supported (this "
+                   f"sentinel-hm reads version {SCHEMA_VERSION}): make the plan again")
+    try:
+        n_ops, n_storages = int(data["n_ops"]), int(data["n_storages"])
+        placement = {}
+        for sid, fast in data["placement"]:
+            if not (isinstance(sid, int) and 0 <= sid < n_storages and isinstance(fast, int)):
+                raise fail(f"placement entry {[sid, fast]!r} is not [storage, fast bytes]")
+            placement[sid] = fast
+        moves = []
+        for entry in data["moves"]:
+            sid, to, issue_at, nbytes = entry
+            if not (isinstance(sid, int) and 0 <= sid < n_storages and isinstance(issue_at, int)
+                    and 0 <= issue_at <= n_ops and isinstance(nbytes, int) and nbytes >= 0):
+                raise fail(f"move {entry!r} is not [storage, 'fast'|'slow', op, bytes] in range")
+            moves.append(Move(sid, Tier(to), issue_at, nbytes))
+        info = data.get("info", {})
+        return Plan(str(data["policy"]), str(data["hardware"]), int(data["budget_bytes"]),
+                    n_ops, n_storages, placement, tuple(moves),
+                    dict(info) if isinstance(info, dict) else {})
+    except SentinelError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise fail(f"malformed plan ({type(e).__name__}: {e})") from None
