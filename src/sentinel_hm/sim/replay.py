@@ -30,9 +30,9 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
-from sentinel_hm.plan.cost import CostModel
-from sentinel_hm.plan.hardware import Access, Hardware
-from sentinel_hm.plan.model import Move, Plan, Tier
+from sentinel_hm.planning.cost import CostModel
+from sentinel_hm.planning.hardware import Access, Hardware
+from sentinel_hm.planning.model import Move, Plan, Tier
 from sentinel_hm.trace.model import Trace
 
 
@@ -70,12 +70,18 @@ def _with_step_time(result: SimResult, step_s: float) -> SimResult:
 def simulate(
     trace: Trace,
     plan: Plan,
-    hardware: Hardware,
+    hardware: Hardware | str,
     *,
     cost: CostModel | None = None,
     timeline: bool = False,
 ) -> SimResult:
-    """Replay the step under ``plan``; see NOTE [Simulator rules]."""
+    """Replay the step under ``plan`` on ``hardware`` (a `Hardware` or a preset spec such as
+    ``"h100-sxm,h2d=50GB/s"``); see NOTE [Simulator rules]. ``timeline=True`` also records
+    op and copy times, for `save_sim_chrome`."""
+    if isinstance(hardware, str):
+        from sentinel_hm.planning.presets import parse_hardware
+
+        hardware = parse_hardware(hardware)
     return _Replay(trace, plan, hardware, cost or CostModel(trace, hardware), timeline).run()
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sentinel_hm.plan.hardware import Access
-from sentinel_hm.plan.model import Move, Plan, Tier
-from sentinel_hm.plan.policies._common import (
+from sentinel_hm.planning.hardware import Access
+from sentinel_hm.planning.model import Move, Plan, Tier
+from sentinel_hm.planning.policies._common import (
     Context,
     Infeasible,
     empty_plan,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.plan.model import Move, Plan, Tier
+from sentinel_hm.planning.model import Move, Plan, Tier
 
 FORMAT = "sentinel-hm/plan"
 SCHEMA_VERSION = 1

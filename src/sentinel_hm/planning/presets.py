@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.plan.hardware import Access, Hardware, LinkSpec, TierSpec
+from sentinel_hm.planning.hardware import Access, Hardware, LinkSpec, TierSpec
 from sentinel_hm.units import parse_bandwidth, parse_bytes, parse_flops, parse_seconds
 
 GiB = 2**30

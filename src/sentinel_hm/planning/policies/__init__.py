@@ -1,7 +1,7 @@
 """Policies: named functions ``(Context, budget bytes) -> Plan``, registered by name."""
 
-from sentinel_hm.plan.policies import baselines, sentinel  # noqa: F401  (registers them)
-from sentinel_hm.plan.policies._common import DIRECT_ONLY, REGISTRY, Context, Infeasible
+from sentinel_hm.planning.policies import baselines, sentinel  # noqa: F401  (registers them)
+from sentinel_hm.planning.policies._common import DIRECT_ONLY, REGISTRY, Context, Infeasible
 
 POLICIES = tuple(REGISTRY)
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.plan.cost import CostModel
-from sentinel_hm.plan.hardware import Access, Hardware
-from sentinel_hm.plan.model import Move, Plan, Tier
+from sentinel_hm.planning.cost import CostModel
+from sentinel_hm.planning.hardware import Access, Hardware
+from sentinel_hm.planning.model import Move, Plan, Tier
 from sentinel_hm.trace.model import Phase, StorageRecord, Trace
 
 MIN_MANAGED_BYTES = 4096  # smaller storages stay fast: a copy would cost more than it frees

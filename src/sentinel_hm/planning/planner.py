@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.plan.cost import CostModel
-from sentinel_hm.plan.hardware import Access, Hardware
-from sentinel_hm.plan.model import Plan
-from sentinel_hm.plan.policies import DIRECT_ONLY, POLICIES, REGISTRY, Context, Infeasible
-from sentinel_hm.plan.presets import parse_hardware
+from sentinel_hm.planning.cost import CostModel
+from sentinel_hm.planning.hardware import Access, Hardware
+from sentinel_hm.planning.model import Plan
+from sentinel_hm.planning.policies import DIRECT_ONLY, POLICIES, REGISTRY, Context, Infeasible
+from sentinel_hm.planning.presets import parse_hardware
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.trace.model import Trace
 from sentinel_hm.units import format_bytes, parse_budget

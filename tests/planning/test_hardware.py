@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.plan.hardware import Access, Hardware
-from sentinel_hm.plan.presets import (
+from sentinel_hm.planning.hardware import Access, Hardware
+from sentinel_hm.planning.presets import (
     OVERRIDE_KEYS,
     PRESETS,
     hardware_from_dict,

@@ -35,9 +35,9 @@ import heapq
 import itertools
 from dataclasses import dataclass
 
-from sentinel_hm.plan.hardware import Access
-from sentinel_hm.plan.model import Move, Plan, Tier
-from sentinel_hm.plan.policies._common import (
+from sentinel_hm.planning.hardware import Access
+from sentinel_hm.planning.model import Move, Plan, Tier
+from sentinel_hm.planning.policies._common import (
     Context,
     Infeasible,
     empty_plan,

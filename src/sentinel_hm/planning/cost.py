@@ -18,7 +18,7 @@ them wait for copies instead (see ``sentinel_hm.sim``).
 
 from __future__ import annotations
 
-from sentinel_hm.plan.hardware import Hardware
+from sentinel_hm.planning.hardware import Hardware
 from sentinel_hm.trace.model import Trace
 
 
