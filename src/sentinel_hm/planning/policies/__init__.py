@@ -1,6 +1,10 @@
 """Policies: named functions ``(Context, budget bytes) -> Plan``, registered by name."""
 
-from sentinel_hm.planning.policies import baselines, sentinel  # noqa: F401  (registers them)
+from sentinel_hm.planning.policies import (  # noqa: F401  (importing registers them)
+    baselines,
+    page_lru,
+    sentinel,
+)
 from sentinel_hm.planning.policies._common import DIRECT_ONLY, REGISTRY, Context, Infeasible
 
 POLICIES = tuple(REGISTRY)
