@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sentinel_hm.cli import demo_cmd, profile_cmd, show_cmd
+from sentinel_hm.cli import demo_cmd, min_budget_cmd, plan_cmd, profile_cmd, show_cmd, simulate_cmd
 from sentinel_hm.errors import SentinelError
 
-_COMMANDS = (profile_cmd, show_cmd, demo_cmd)
+_COMMANDS = (profile_cmd, show_cmd, plan_cmd, simulate_cmd, min_budget_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

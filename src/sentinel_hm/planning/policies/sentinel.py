@@ -23,8 +23,10 @@ NOTE [Sentinel planning]
    memory for their whole life and read in place, coldest first (fewest bytes
    accessed per byte stored), until every interval fits.
 6. ``k`` is chosen by planning each candidate length and simulating the plan;
-   the fastest feasible plan wins. All candidates' predicted times are kept in
-   ``plan.info["search"]``.
+   the fastest feasible plan wins. Under direct access the static placement an
+   OS would make (first touch, no migration) is a candidate too, so Sentinel is
+   never predicted slower than doing nothing. All candidates' predicted times
+   are kept in ``plan.info["search"]``.
 The planned occupancy is an estimate; the simulator replays the plan with the
 budget as a hard capacity (copies wait for room), so the prediction honours it.
 """
@@ -33,11 +35,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sentinel_hm.planning.hardware import Access
 from sentinel_hm.planning.model import Move, Plan, Tier
 from sentinel_hm.planning.policies._common import (
+    REGISTRY,
     Context,
     Infeasible,
     empty_plan,
@@ -220,6 +223,14 @@ def sentinel(ctx: Context, budget: int) -> Plan:
                 break
             target -= excess
             search[label] = "over budget in replay"
+    if ctx.hardware.access is Access.DIRECT:
+        static = REGISTRY["first-touch"](ctx, budget)
+        result = simulate(ctx.trace, static, ctx.hardware, cost=ctx.cost)
+        if not result.overflow_bytes and result.peak_fast_bytes <= budget:
+            search["static"] = result.step_s
+            if best is None or result.step_s < best[0]:
+                best = (result.step_s, replace(static, policy="sentinel",
+                                               info={"layers_per_interval": None}))
     if best is None:
         raise Infeasible(
             f"sentinel cannot fit the step into {format_bytes(budget)} of fast memory "

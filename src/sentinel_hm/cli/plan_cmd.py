@@ -1,0 +1,161 @@
+"""``sentinel plan``: plan a trace on modeled hardware within a budget, save it, summarize it.
+
+Also holds what the planning commands (plan, simulate, min-budget) share: the
+trace and ``--hardware`` arguments, and the all-fast baseline every slowdown is
+measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sentinel_hm.errors import SentinelError
+from sentinel_hm.planning.io import save_plan
+from sentinel_hm.planning.model import Plan, Tier
+from sentinel_hm.planning.planner import context, make_plan
+from sentinel_hm.planning.policies import POLICIES, Context
+from sentinel_hm.planning.presets import PRESETS, parse_hardware
+from sentinel_hm.sim.chrome import save_sim_chrome
+from sentinel_hm.sim.replay import SimResult, simulate
+from sentinel_hm.trace.io import load_trace
+from sentinel_hm.units import format_bytes, parse_budget
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="plan where each tensor lives within a fast-memory budget",
+        description="Plan a profiled step on modeled hardware within a fast-memory budget, "
+                    "save the plan, and print its simulated cost.",
+    )
+    add_trace_args(p)
+    p.add_argument("--budget", required=True,
+                   help="fast-memory budget: a share of the all-fast peak ('20%%') or a size "
+                        "('4GiB')")
+    p.add_argument("--policy", default="sentinel", metavar="NAME",
+                   help=f"one of {', '.join(POLICIES)} (default sentinel)")
+    p.add_argument("--out", type=Path, default=Path("plan.json"),
+                   help="plan file to write (.json or .json.gz; default plan.json)")
+    p.add_argument("--chrome", type=Path, metavar="PATH",
+                   help="also write the simulated step (ops, copies, stalls, fast bytes) in "
+                        "Chrome trace format (Perfetto)")
+    p.set_defaults(run=run)
+
+
+def add_trace_args(p: argparse.ArgumentParser) -> None:
+    """The trace file and ``--hardware``, as every planning command takes them."""
+    p.add_argument("trace", type=Path, help="a trace file written by `sentinel profile`")
+    p.add_argument("--hardware", required=True, metavar="SPEC",
+                   help=f"a preset ({', '.join(PRESETS)}), a preset with overrides "
+                        "('h100-sxm,h2d=50GB/s'), or a .json hardware file")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A trace on one hardware: the shared planning context and the all-fast baseline."""
+
+    ctx: Context
+    all_fast: SimResult
+
+    @property
+    def peak(self) -> int:
+        return self.ctx.trace.peak_bytes
+
+    def slowdown(self, result: SimResult) -> float:
+        return result.step_s / self.all_fast.step_s
+
+    def budget_text(self, budget: int) -> str:
+        return f"{format_bytes(budget)} ({budget:,} B, {budget / self.peak:.1%} of the peak)"
+
+    def evaluate(
+        self, budget: int, policy: str, *, timeline: bool = False
+    ) -> tuple[Plan, SimResult]:
+        """The policy's plan and its replay; `SentinelError` if the policy refuses."""
+        ctx = self.ctx
+        plan = make_plan(ctx.trace, ctx.hardware, budget, policy, ctx=ctx)
+        return plan, simulate(ctx.trace, plan, ctx.hardware, cost=ctx.cost, timeline=timeline)
+
+
+def load_setup(trace_path: Path, hardware_spec: str) -> Setup:
+    """Parse the hardware first (cheap, a common typo), then load the trace and build the
+    context once; every plan of the command reuses it."""
+    hw = parse_hardware(hardware_spec)
+    trace = load_trace(trace_path)
+    if trace.peak_bytes <= 0:
+        raise SentinelError(f"{trace_path}: the trace holds no memory (peak 0 B): nothing to plan")
+    ctx = context(trace, hw)
+    plan = make_plan(trace, hw, trace.peak_bytes, "all-fast", ctx=ctx)
+    return Setup(ctx, simulate(trace, plan, hw, cost=ctx.cost))
+
+
+def check_policy_name(policy: str) -> str:
+    if policy not in POLICIES:
+        raise SentinelError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    return policy
+
+
+def format_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def _info_value(key: str, value: object) -> str:
+    if key == "layers_per_interval" and isinstance(value, float) and 0 < value < 1:
+        return f"1/{round(1 / value)} layer"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):  # e.g. the interval-length search: label -> step s or reason
+        return ", ".join(
+            f"{k} {format_ms(v) if isinstance(v, float) else v}" for k, v in value.items()
+        )
+    return str(value)
+
+
+def summarize_plan(setup: Setup, plan: Plan, result: SimResult) -> str:
+    """The lines ``sentinel plan`` prints: what was planned and what it costs in replay."""
+    hw = setup.ctx.hardware
+    to_fast = [m for m in plan.moves if m.to is Tier.FAST]
+    lines = [
+        f"plan: policy {plan.policy} on {hw.name}, budget {setup.budget_text(plan.budget_bytes)}"
+        f"; all-fast peak {format_bytes(setup.peak)}",
+        f"moves: {len(plan.moves)} ({len(to_fast)} to fast, {len(plan.moves) - len(to_fast)} "
+        f"to slow), {len(plan.managed)} storages managed; planned "
+        f"{format_bytes(plan.moved_bytes(Tier.FAST))} to fast, "
+        f"{format_bytes(plan.moved_bytes(Tier.SLOW))} to slow",
+        f"simulated step: {format_ms(result.step_s)}, x{setup.slowdown(result):.3f} over "
+        f"all-fast ({format_ms(setup.all_fast.step_s)}); stalls {format_ms(result.stall_s)}",
+        f"simulated traffic: {format_bytes(result.bytes_to_fast)} to fast, "
+        f"{format_bytes(result.bytes_to_slow)} to slow; peak fast "
+        f"{format_bytes(result.peak_fast_bytes)} ({result.peak_fast_bytes / plan.budget_bytes:.0%}"
+        " of the budget)",
+    ]
+    lines += [f"{key}: {_info_value(key, value)}" for key, value in plan.info.items()]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_policy_name(args.policy)
+    setup = load_setup(args.trace, args.hardware)
+    budget = parse_budget(args.budget, setup.peak)
+    plan, result = setup.evaluate(budget, args.policy, timeline=args.chrome is not None)
+    out = write_or_fail(lambda: save_plan(plan, args.out), args.out)
+    print(f"wrote {out}", file=sys.stderr)
+    if args.chrome:
+        chrome = args.chrome
+        out = write_or_fail(lambda: save_sim_chrome(setup.ctx.trace, result, chrome), chrome)
+        print(f"wrote {out}", file=sys.stderr)
+    print(summarize_plan(setup, plan, result))
+    return 0
+
+
+def write_or_fail(write: Callable[[], Path], path: Path) -> Path:
+    """Run ``write()``; an unwritable path becomes a one-line error, not a traceback."""
+    try:
+        return write()
+    except OSError as e:
+        raise SentinelError(f"{path}: cannot write: {e.strerror or e}") from None
