@@ -123,13 +123,19 @@ class _Replay:
                 self.created_at.setdefault(s.created_at, []).append(sid)
             if s.freed_at is not None:
                 self.freed_at.setdefault(s.freed_at, []).append(sid)
-        self.touch: dict[int, tuple[int, ...]] = {}
-        self.written: dict[int, tuple[int, ...]] = {}
-        for op in trace.ops:
-            touched = tuple(dict.fromkeys(s for s in (*op.inputs, *op.outputs) if s in managed))
-            if touched:
-                self.touch[op.index] = touched
-                self.written[op.index] = tuple(s for s in op.outputs if s in managed)
+        # ops that touch managed storages, found from the storages' side (few of them)
+        touching: dict[int, list[int]] = {}
+        writing: dict[int, list[int]] = {}
+        accesses = trace.accesses
+        for sid in managed:
+            reads, writes = accesses[sid]
+            for op in reads:
+                touching.setdefault(op, []).append(sid)
+            for op in writes:
+                touching.setdefault(op, []).append(sid)
+                writing.setdefault(op, []).append(sid)
+        self.touch = {op: tuple(dict.fromkeys(sids)) for op, sids in touching.items()}
+        self.written = {op: tuple(writing.get(op, ())) for op in touching}
         self.n_ops = n
         # replay state, set up by run()
         self.t = 0.0

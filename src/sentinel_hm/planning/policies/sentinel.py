@@ -201,8 +201,9 @@ def sentinel(ctx: Context, budget: int) -> Plan:
     best: tuple[float, Plan] | None = None
     search: dict[str, object] = {}
     lowest_planned = None
+    all_fast_s = sum(ctx.cost.base_s)  # no plan can beat compute alone
     for k, splits in CANDIDATE_LENGTHS:
-        if k > 2 * n_layers:
+        if k > 2 * n_layers or (best is not None and best[0] <= all_fast_s * (1 + 1e-9)):
             break
         label = str(k) if splits == 1 else f"1/{splits}"
         # The planned occupancy is an estimate (evictions take time to free memory); when the
