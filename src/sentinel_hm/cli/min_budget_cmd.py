@@ -2,7 +2,9 @@
 
 The question a user sizing hardware asks: "how little fast memory can I buy
 and stay within 5% of all-fast?" Answered by bisection over the budget, each
-probe a plan replayed in simulation.
+probe a plan replayed in simulation. Bisection assumes more fast memory is
+never slower; where a policy breaks that, the answer still meets the limit
+but a smaller budget may too (``sentinel simulate`` over a finer range shows it).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="smallest budget whose simulated slowdown stays within a limit",
         description="Find the smallest fast-memory budget (to 1/256 of the all-fast peak) at "
                     "which the policy's plan, replayed in simulation, is at most --max-slowdown "
-                    "slower than all-fast on the same hardware. Exit status 1 when even the "
-                    "all-fast peak is not enough.",
+                    "slower than all-fast on the same hardware. Bisection: the answer meets "
+                    "the limit, and is the smallest such budget when the slowdown does not grow "
+                    "with the budget. Exit status 1 when even the all-fast peak is not enough.",
     )
     add_trace_args(p)
     p.add_argument("--max-slowdown", required=True, metavar="SHARE",

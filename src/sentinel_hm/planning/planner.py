@@ -43,8 +43,14 @@ def _try(ctx: Context, budget: int, policy: str) -> tuple[Plan, SimResult] | Non
 
 
 def min_budget(ctx: Context, policy: str) -> int:
-    """The smallest budget (to 1/256 of the all-fast peak) at which ``policy`` fits."""
+    """The smallest budget (to 1/256 of the all-fast peak) at which ``policy`` fits.
+
+    Found by bisection, assuming a policy that fits a budget fits any larger one;
+    remembered per context.
+    """
     check_policy(policy, ctx.hardware)
+    if policy in ctx.min_budgets:
+        return ctx.min_budgets[policy]
     hi = ctx.trace.peak_bytes
     if _try(ctx, hi, policy) is None:
         hi *= 2  # a policy may need headroom above the peak (demand fetches)
@@ -57,6 +63,7 @@ def min_budget(ctx: Context, policy: str) -> int:
             lo = mid
         else:
             hi = mid
+    ctx.min_budgets[policy] = hi
     return hi
 
 
@@ -83,6 +90,7 @@ def make_plan(
             f"policy {policy} cannot honour a budget of {format_bytes(budget_bytes)} "
             f"({budget_bytes / trace.peak_bytes:.0%} of the all-fast peak) on "
             f"{ctx.hardware.name}: the smallest it can honour is {format_bytes(need)} "
-            f"({need / trace.peak_bytes:.0%}); raise the budget or try policy=sentinel"
+            f"({need / trace.peak_bytes:.0%}): raise the budget"
+            + ("" if policy == "sentinel" else " or try policy=sentinel")
         )
     return found[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from sentinel_hm.errors import SentinelError
@@ -27,6 +27,7 @@ class Context:
     trace: Trace
     hardware: Hardware
     cost: CostModel
+    min_budgets: dict[str, int] = field(default_factory=dict, compare=False)  # planner's cache
 
     @cached_property
     def uses(self) -> dict[int, tuple[int, ...]]:
