@@ -109,6 +109,8 @@ def _info_value(key: str, value: object) -> str:
         return "none"
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, dict) and key.endswith("_bytes"):
+        return ", ".join(f"{k} {format_bytes(v)}" for k, v in value.items())
     if isinstance(value, dict):  # e.g. the interval-length search: label -> step s or reason
         return ", ".join(
             f"{k} {format_ms(v) if isinstance(v, float) else v}" for k, v in value.items()

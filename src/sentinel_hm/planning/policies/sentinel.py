@@ -140,6 +140,12 @@ def plan_intervals(
     }
     if max(occ, default=0) > target and ctx.hardware.access is Access.DIRECT:
         _place_cold_in_slow(ctx, starts, occ, target, taken, placement)
+        # what stays in slow memory and is read there: where the plan pays in compute time
+        in_place: dict[str, int] = {}
+        for sid in placement:
+            s = ctx.trace.storages[sid]
+            in_place[s.kind.value] = in_place.get(s.kind.value, 0) + s.nbytes
+        info["read_in_place_bytes"] = in_place
     moves: list[Move] = []
     n_ops = len(ctx.trace.ops)
     for sid, gaps in taken.items():
@@ -202,8 +208,9 @@ def sentinel(ctx: Context, budget: int) -> Plan:
     search: dict[str, object] = {}
     lowest_planned = None
     all_fast_s = sum(ctx.cost.base_s)  # no plan can beat compute alone
+    worse = 0  # feasible candidates in a row slower than the best: longer ones rarely recover
     for k, splits in CANDIDATE_LENGTHS:
-        if k > 2 * n_layers or (best is not None and best[0] <= all_fast_s * (1 + 1e-9)):
+        if k > 2 * n_layers or worse >= 2 or (best and best[0] <= all_fast_s * (1 + 1e-9)):
             break
         label = str(k) if splits == 1 else f"1/{splits}"
         # The planned occupancy is an estimate (evictions take time to free memory); when the
@@ -221,6 +228,9 @@ def sentinel(ctx: Context, budget: int) -> Plan:
                 search[label] = result.step_s
                 if best is None or result.step_s < best[0]:
                     best = (result.step_s, plan)
+                    worse = 0
+                else:
+                    worse += 1
                 break
             target -= excess
             search[label] = "over budget in replay"
