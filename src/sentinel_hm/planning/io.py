@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 from typing import Any
 
 from sentinel_hm.errors import SentinelError
+from sentinel_hm.jsonfile import read_json, write_json
 from sentinel_hm.planning.model import Move, Plan, Tier
 
 FORMAT = "sentinel-hm/plan"
@@ -30,26 +29,13 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
-    path = Path(path)
-    text = json.dumps(plan_to_dict(plan), separators=(",", ":"))
-    if path.suffix == ".gz":
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
+    """Write ``plan`` to ``path`` (gzip-compressed when it ends in ``.gz``)."""
+    return write_json(plan_to_dict(plan), path)
 
 
 def load_plan(path: str | Path) -> Plan:
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-        data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-    except FileNotFoundError:
-        raise SentinelError(f"{path}: no such file") from None
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SentinelError(f"{path}: not a readable plan file ({e})") from None
-    return plan_from_dict(data, str(path))
+    """Read a plan file written by `save_plan`; raises `SentinelError` if it is not one."""
+    return plan_from_dict(read_json(path, "plan"), str(path))
 
 
 def plan_from_dict(data: Any, source: str = "plan") -> Plan:

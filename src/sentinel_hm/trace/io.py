@@ -6,12 +6,11 @@ so a malformed or foreign file fails with a message that names the field.
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 from typing import Any
 
 from sentinel_hm.errors import SentinelError
+from sentinel_hm.jsonfile import read_json, write_json
 from sentinel_hm.trace.model import Kind, LayerRecord, OpRecord, Phase, StorageRecord, Trace
 
 FORMAT = "sentinel-hm/trace"
@@ -59,31 +58,12 @@ def trace_to_dict(trace: Trace) -> dict[str, Any]:
 
 def save_trace(trace: Trace, path: str | Path) -> Path:
     """Write ``trace`` to ``path`` (gzip-compressed when it ends in ``.gz``)."""
-    path = Path(path)
-    text = json.dumps(trace_to_dict(trace), separators=(",", ":"))
-    if path.suffix == ".gz":
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
+    return write_json(trace_to_dict(trace), path)
 
 
 def load_trace(path: str | Path) -> Trace:
     """Read a trace file written by `save_trace`; raises `SentinelError` if it is not one."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        data = json.loads(raw)
-    except FileNotFoundError:
-        raise SentinelError(f"{path}: no such file") from None
-    except (OSError, EOFError) as e:
-        raise SentinelError(f"{path}: cannot read: {e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SentinelError(f"{path}: not a trace file (invalid JSON: {e})") from None
-    return trace_from_dict(data, source=str(path))
+    return trace_from_dict(read_json(path, "trace"), source=str(path))
 
 
 class _Checker:
