@@ -9,15 +9,23 @@ from sentinel_hm.planning.model import Plan
 from sentinel_hm.planning.policies import DIRECT_ONLY, POLICIES, REGISTRY, Context, Infeasible
 from sentinel_hm.planning.presets import parse_hardware
 from sentinel_hm.sim.replay import SimResult, simulate
-from sentinel_hm.trace.model import Trace
+from sentinel_hm.trace.model import Kind, Trace
 from sentinel_hm.units import format_bytes, parse_budget
 
 _MIN_BUDGET_RESOLUTION = 1 / 256  # bisection stops within this share of the all-fast peak
 
 
-def context(trace: Trace, hardware: Hardware | str) -> Context:
+def context(
+    trace: Trace,
+    hardware: Hardware | str,
+    *,
+    movable: frozenset[Kind] | None = None,
+    stream_optimizer: bool = True,
+) -> Context:
+    """What policies plan against; ``movable``/``stream_optimizer`` describe what the runtime
+    that will execute the plan can do (see `Context`)."""
     hw = parse_hardware(hardware) if isinstance(hardware, str) else hardware
-    return Context(trace, hw, CostModel(trace, hw))
+    return Context(trace, hw, CostModel(trace, hw), movable, stream_optimizer)
 
 
 def check_policy(policy: str, hardware: Hardware) -> None:

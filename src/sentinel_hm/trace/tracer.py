@@ -29,9 +29,10 @@ launches, not kernels).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -135,7 +136,13 @@ class Tracer:
         model: nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         layers: str | Sequence[nn.Module] | None = "auto",
+        *,
+        track_saved: bool = True,
+        on_saved: Callable[[str, int, int], None] | None = None,
     ) -> None:
+        """``track_saved=False`` leaves saved tensors to hooks of the caller's (a runtime being
+        audited). ``on_saved(event, storage id, op clock)`` hears each ``"pack"`` and
+        ``"unpack"`` of a saved tensor, so a runtime can learn where they happen."""
         self._model = model
         self._optimizers: list[torch.optim.Optimizer] = [optimizer] if optimizer else []
         self._ops: list[OpRecord] = []
@@ -154,7 +161,12 @@ class Tracer:
         self._node_layer: dict[Any, int | None] = {}
         self._handles: list[Any] = []
         self._mode = _Mode(self)
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
+        self._on_saved = on_saved
+        self._saved_hooks = (
+            torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            if track_saved
+            else contextlib.nullcontext()
+        )
         self._resolve_layers(layers)
         if model is None:
             self._enter_forward()
@@ -367,6 +379,15 @@ class Tracer:
         sid = self._storage_id(t, None)
         if sid is not None:
             self._storages[sid].saved = True
+            if self._on_saved is not None:
+                self._on_saved("pack", sid, self._clock)
+        return t
+
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        if self._on_saved is not None:
+            sid = self._storage_id(t, None)
+            if sid is not None:
+                self._on_saved("unpack", sid, len(self._ops))
         return t
 
     def _register_known_storages(self) -> None:

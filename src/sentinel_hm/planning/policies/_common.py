@@ -11,7 +11,7 @@ from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.cost import CostModel
 from sentinel_hm.planning.hardware import Access, Hardware
 from sentinel_hm.planning.model import Move, Plan, Tier
-from sentinel_hm.trace.model import Phase, StorageRecord, Trace
+from sentinel_hm.trace.model import Kind, Phase, StorageRecord, Trace
 
 MIN_MANAGED_BYTES = 4096  # smaller storages stay fast: a copy would cost more than it frees
 
@@ -27,6 +27,12 @@ class Context:
     trace: Trace
     hardware: Hardware
     cost: CostModel
+    # What a runtime can move: None = any storage; else only these kinds (a saved activation
+    # only if autograd saved it, since the runtime reaches activations through saved-tensor
+    # hooks). stream_optimizer=False: the optimizer phase is one interval (a runtime without
+    # hooks inside optimizer.step() moves optimizer state before and after it, not during).
+    movable: frozenset[Kind] | None = None
+    stream_optimizer: bool = True
     min_budgets: dict[str, int] = field(default_factory=dict, compare=False)  # planner's cache
 
     @cached_property
@@ -45,8 +51,17 @@ class Context:
 
     @cached_property
     def managed_candidates(self) -> tuple[StorageRecord, ...]:
-        """Long-lived storages worth moving (at least ``MIN_MANAGED_BYTES``)."""
-        return tuple(s for s in self.long_lived if s.nbytes >= MIN_MANAGED_BYTES)
+        """Long-lived storages worth moving (at least ``MIN_MANAGED_BYTES``) that may move."""
+        return tuple(
+            s for s in self.long_lived if s.nbytes >= MIN_MANAGED_BYTES and self.may_move(s)
+        )
+
+    def may_move(self, s: StorageRecord) -> bool:
+        if self.movable is None:
+            return True
+        if s.kind is Kind.SAVED_ACTIVATION:
+            return s.saved and s.kind in self.movable
+        return s.kind in self.movable
 
     def live_range(self, s: StorageRecord) -> tuple[int, int]:
         last = len(self.trace.ops) - 1
@@ -83,7 +98,8 @@ class Context:
         count = 0
         for seg in self.trace.segments:
             if seg.phase is Phase.OPTIMIZER:
-                chunks(seg.first_op, seg.last_op, -(-n_layers * splits_per_layer // k))
+                n_chunks = -(-n_layers * splits_per_layer // k) if self.stream_optimizer else 1
+                chunks(seg.first_op, seg.last_op, n_chunks)
                 count = k  # what follows the optimizer starts a new interval
             elif seg.layer is not None:
                 if splits_per_layer > 1:

@@ -43,6 +43,8 @@ def all_slow(ctx: Context, budget: int) -> Plan:
         placement = {s.id: 0 for s in ctx.trace.storages}
     else:
         for s in ctx.long_lived:
+            if not ctx.may_move(s):
+                continue
             placement[s.id], extra = slow_homed(ctx, s)
             moves += extra
     return empty_plan(ctx, "all-slow", budget, placement=placement, moves=moves)

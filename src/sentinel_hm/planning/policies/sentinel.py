@@ -237,7 +237,9 @@ def sentinel(ctx: Context, budget: int) -> Plan:
     # The plan of doing nothing clever is a candidate too: what the OS would do under direct
     # access, fetch-on-use under migrate access.
     fallback = "first-touch" if ctx.hardware.access is Access.DIRECT else "all-slow"
-    if best is None or best[0] > all_fast_s * (1 + 1e-9):
+    if ctx.movable is not None and fallback == "first-touch":
+        fallback = ""  # a runtime cannot place arbitrary storages the way an OS does
+    if fallback and (best is None or best[0] > all_fast_s * (1 + 1e-9)):
         static = REGISTRY[fallback](ctx, budget)
         result = simulate(ctx.trace, static, ctx.hardware, cost=ctx.cost)
         if not result.overflow_bytes and result.peak_fast_bytes <= budget:
