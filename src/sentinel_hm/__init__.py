@@ -7,6 +7,7 @@ predict the result (`simulate`), and migrate tensors ahead of need. Importing th
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning import Plan, load_plan, save_plan
 from sentinel_hm.planning import make_plan as plan
+from sentinel_hm.runtime import Sentinel
 from sentinel_hm.sim import SimResult, simulate
 from sentinel_hm.trace import (
     Trace,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Plan",
+    "Sentinel",
     "SentinelError",
     "SimResult",
     "Trace",

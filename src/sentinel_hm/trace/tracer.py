@@ -408,10 +408,21 @@ class Tracer:
             self._register_optimizer(opt)
 
     def _register_optimizer(self, opt: torch.optim.Optimizer) -> None:
-        for state in opt.state.values():
-            for key, value in state.items():
+        """Name optimizer state ``state[i].key``: i counts parameters over the param groups,
+        so a runtime finds the same tensor in a later step."""
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            for key, value in opt.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor):
-                    self._tag(value, Kind.OPTIMIZER_STATE, f"state.{key}")
+                    self._tag(value, Kind.OPTIMIZER_STATE, f"state[{i}].{key}")
+
+    def tag_external(self, t: torch.Tensor, name: str) -> None:
+        """Name a storage that exists before the step (e.g. a runtime's slow-tier arena),
+        whatever else it holds (optimizer state kept in the arena, say)."""
+        sid = self._storage_id(t, None)
+        if sid is not None:
+            self._storages[sid].kind = Kind.INPUT
+            self._storages[sid].name = name
 
     def _tag(self, t: torch.Tensor, kind: Kind, name: str | None) -> None:
         sid = self._storage_id(t, None)

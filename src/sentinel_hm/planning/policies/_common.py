@@ -69,6 +69,12 @@ class Context:
                 last if s.freed_at is None else s.freed_at)
 
     @cached_property
+    def optimizer_ops(self) -> tuple[int, int] | None:
+        """First and last op of the optimizer phase."""
+        ops = [op.index for op in self.trace.ops if op.phase is Phase.OPTIMIZER]
+        return (ops[0], ops[-1]) if ops else None
+
+    @cached_property
     def first_backward_op(self) -> int | None:
         return next((op.index for op in self.trace.ops if op.phase is Phase.BACKWARD), None)
 
@@ -143,9 +149,14 @@ def slow_homed(ctx: Context, s: StorageRecord) -> tuple[int, list[Move]]:
     """
     if ctx.hardware.access is Access.DIRECT:
         return 0, []
-    _start, end = ctx.live_range(s)
-    moves = [Move(s.id, Tier.SLOW, op + 1, s.nbytes) for op in ctx.uses[s.id] if op + 1 <= end]
+    _, end = ctx.live_range(s)
     placement = 0 if s.created_at is None else s.nbytes
+    if s.kind is Kind.OPTIMIZER_STATE and not ctx.stream_optimizer and ctx.optimizer_ops:
+        # a runtime without hooks inside optimizer.step() brings all of it in before
+        first, last = ctx.optimizer_ops
+        return placement, [Move(s.id, Tier.FAST, first, s.nbytes),
+                           Move(s.id, Tier.SLOW, last + 1, s.nbytes)]
+    moves = [Move(s.id, Tier.SLOW, op + 1, s.nbytes) for op in ctx.uses[s.id] if op + 1 <= end]
     return placement, moves
 
 

@@ -1,0 +1,327 @@
+"""`Sentinel`: profile the first step, plan, then run the plan in every later step.
+
+Phases: ``warmup`` (a plain step, when the optimizer has not created its state
+yet: the profiled step must look like the steady ones), ``profile`` (one step
+under the tracer), ``trial`` (the plan runs in an audited step), ``steady``
+(the plan runs). A step that does not match the profile runs without
+migrations and the next step is profiled again.
+
+NOTE [Measured budget]
+The plan's fast-memory peak is a prediction; the trial step measures the real
+one. If it is over the budget (the program may hold a tensor a little longer
+than the trace suggested, an event may come a little after the planned op),
+the plan is made again for a budget lowered by the excess, and measured again,
+up to ``MAX_REPLANS`` times; after that the step raises `SentinelError`. With
+``fast_memory="min"`` the budget is the measured peak of the smallest plan.
+
+Known limitations: gradients and parameters stay in fast memory (the plan
+moves saved activations and optimizer state); optimizer state streams as a
+whole before and after ``optimizer.step()``, not per parameter; the host
+tiers' copies share the CPU with compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sentinel_hm.errors import SentinelError
+from sentinel_hm.planning.model import Plan, Tier
+from sentinel_hm.planning.planner import context, make_plan, min_budget
+from sentinel_hm.runtime.mover import Mover
+from sentinel_hm.runtime.residency import StateEntry
+from sentinel_hm.runtime.schedule import SavedEvents, Schedule
+from sentinel_hm.runtime.steady import SteadyStep
+from sentinel_hm.sim.replay import SimResult, simulate
+from sentinel_hm.tiers import open_tiers
+from sentinel_hm.trace.model import Kind, Trace
+from sentinel_hm.trace.tracer import Tracer
+from sentinel_hm.units import format_bytes, parse_budget
+
+ARENA_NAME = "sentinel: slow arena"
+MAX_REPLANS = 4
+_MOVABLE = frozenset({Kind.SAVED_ACTIVATION, Kind.OPTIMIZER_STATE})
+
+
+@dataclass
+class Stats:
+    """Measured figures (``predicted_*`` come from the simulator, for comparison)."""
+
+    phase: str
+    tiers: str
+    policy: str
+    budget_bytes: int | None = None
+    planned_for_bytes: int | None = None  # below the budget after a measured excess
+    all_fast_peak_bytes: int | None = None
+    steps: int = 0
+    step_s: list[float] = field(default_factory=list)  # steady steps
+    stall_s: list[float] = field(default_factory=list)
+    bytes_to_slow: list[int] = field(default_factory=list)
+    bytes_to_fast: list[int] = field(default_factory=list)
+    audited_peak_fast_bytes: int | None = None
+    predicted_step_s: float | None = None
+    predicted_peak_fast_bytes: int | None = None
+    profiles: int = 0
+    mismatches: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        def median(xs: list[Any]) -> Any:
+            return statistics.median(xs) if xs else None
+
+        return {
+            "phase": self.phase, "tiers": self.tiers, "policy": self.policy,
+            "budget_bytes": self.budget_bytes, "planned_for_bytes": self.planned_for_bytes,
+            "all_fast_peak_bytes": self.all_fast_peak_bytes,
+            "steps": self.steps, "median_step_s": median(self.step_s),
+            "median_stall_s": median(self.stall_s),
+            "bytes_to_slow_per_step": median(self.bytes_to_slow),
+            "bytes_to_fast_per_step": median(self.bytes_to_fast),
+            "audited_peak_fast_bytes": self.audited_peak_fast_bytes,
+            "predicted_step_s": self.predicted_step_s,
+            "predicted_peak_fast_bytes": self.predicted_peak_fast_bytes,
+            "profiles": self.profiles, "mismatches": list(self.mismatches),
+        }
+
+
+class Sentinel:
+    """Run a training loop with ``fast_memory`` of fast memory (bytes, "4GiB", "20%" of the
+    profiled all-fast peak, or "min": the smallest budget the policy can honour)::
+
+        sentinel = sh.Sentinel(model, optimizer, fast_memory="20%")
+        for batch in loader:
+            with sentinel.step():
+                loss = model(batch); loss.backward(); optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        fast_memory: str | int = "20%",
+        tiers: str = "auto",
+        policy: str = "sentinel",
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.fast_memory = fast_memory
+        self.policy = policy
+        self.tiers = open_tiers(tiers)
+        self.mover = Mover()
+        self.trace: Trace | None = None
+        self.plan: Plan | None = None
+        self.schedule: Schedule | None = None
+        self.prediction: SimResult | None = None
+        self._states: dict[int, StateEntry] = {}
+        self._phase = "warmup" if not optimizer.state else "profile"
+        self._audit_next = False
+        self._audit_trace: Trace | None = None
+        self._events = SavedEvents()
+        self._ctx: Any = None
+        self._budget = 0
+        self._replans = 0
+        self._stats = Stats(self._phase, self.tiers.name, policy)
+        self._audit_trace_fresh = False  # the step just run was audited (slow: not timed)
+        self._warned = False
+
+    # -- public --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One training step (forward, backward, optimizer step; several forward/backward
+        passes for gradient accumulation)."""
+        start = time.perf_counter()
+        phase = self._phase
+        if phase == "warmup":
+            yield
+            self._phase = "profile"
+        elif phase == "profile":
+            yield from self._profile_step()
+        else:
+            if phase == "trial":
+                self._audit_next = True
+            yield from self._steady_step()
+            if phase == "trial" and self._phase == "trial":
+                self._check_measured_peak()
+        self._stats.steps += 1
+        if phase == "steady" and not self._audit_trace_fresh:
+            self._stats.step_s.append(time.perf_counter() - start)
+        self._audit_trace_fresh = False
+        self._stats.phase = self._phase
+
+    def audit(self) -> None:
+        """Trace the next steady step and measure its true peak of fast-tier bytes (every
+        storage not in the slow tier); `stats()` reports it as ``audited_peak_fast_bytes``.
+        Copies run synchronously during that step so that the tracer sees each of them."""
+        self._audit_next = True
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.summary()
+
+    @property
+    def audit_trace(self) -> Trace | None:
+        """The trace of the last audited step (fast-tier bytes: `fast_bytes_curve`)."""
+        return self._audit_trace
+
+    def close(self) -> None:
+        """Bring everything back to fast memory and stop the mover: training can go on
+        without Sentinel."""
+        self._restore()
+        self.mover.close()
+        self.tiers.close()
+
+    # -- phases --------------------------------------------------------------------------------
+
+    def _profile_step(self) -> Iterator[None]:
+        self._restore()
+        events = SavedEvents()
+        tracer = Tracer(self.model, self.optimizer, on_saved=events)
+        tracer.start()
+        try:
+            yield
+        finally:
+            trace = tracer.stop()
+        self._stats.profiles += 1
+        self._events = events
+        hw = self.tiers.hardware()
+        self._ctx = context(trace, hw, movable=_MOVABLE, stream_optimizer=False)
+        if self.fast_memory == "min":
+            self._budget = min_budget(self._ctx, self.policy)
+        else:
+            self._budget = parse_budget(self.fast_memory, trace.peak_bytes)
+        self._replans = 0
+        self._make_plan(trace, self._budget)
+        self._phase = "trial"
+
+    def _check_measured_peak(self) -> None:
+        """NOTE [Measured budget]."""
+        measured = self._stats.audited_peak_fast_bytes
+        assert measured is not None and self.trace is not None and self.plan is not None
+        if measured <= self._budget:
+            self._phase = "steady"
+            return
+        if self.fast_memory == "min" and self._replans == 0:
+            self._budget = measured
+            self._stats.budget_bytes = measured
+            self._phase = "steady"
+            return
+        self._replans += 1
+        if self._replans > MAX_REPLANS:
+            raise SentinelError(
+                f"the measured fast-memory peak, {format_bytes(measured)}, stays above the "
+                f"budget of {format_bytes(self._budget)} after {MAX_REPLANS} re-plans: raise "
+                "fast_memory"
+            )
+        target = self.plan.budget_bytes - (measured - self._budget)
+        self._make_plan(self.trace, target)
+
+    def _make_plan(self, trace: Trace, target: int) -> None:
+        """Plan for ``target`` bytes (the budget, or less after a measured excess)."""
+        hw, ctx, budget = self.tiers.hardware(), self._ctx, self._budget
+        self._restore()
+        try:
+            plan = make_plan(trace, hw, target, self.policy, ctx=ctx)
+        except SentinelError:
+            if target == budget:
+                raise
+            raise SentinelError(
+                f"the plan for {format_bytes(budget)} measured above it, and no plan fits the "
+                f"{format_bytes(target)} that would correct for that: raise fast_memory"
+            ) from None
+        schedule = Schedule.build(trace, plan, self._events)
+        self.trace, self.plan, self.schedule = trace, plan, schedule
+        self.prediction = simulate(trace, plan, hw, cost=ctx.cost)
+        self._stats.budget_bytes = budget
+        self._stats.planned_for_bytes = target
+        self._stats.all_fast_peak_bytes = trace.peak_bytes
+        self._stats.predicted_step_s = self.prediction.step_s
+        self._stats.predicted_peak_fast_bytes = self.prediction.peak_fast_bytes
+        self.tiers.reserve(schedule.arena_bytes)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._states = {}
+        for sid, (index, key) in schedule.states.items():
+            state = self.optimizer.state[params[index]]
+            entry = StateEntry(sid, state, key, self.tiers.slot(schedule.slots[sid],
+                                                                 trace.storages[sid].nbytes))
+            self._states[sid] = entry
+            if sid in schedule.start_slow:
+                entry.evict(self.mover)
+        self.mover.drain()
+
+    def _steady_step(self) -> Iterator[None]:
+        assert self.schedule is not None
+        never_copied = {t.untyped_storage()._cdata
+                        for t in (*self.model.parameters(), *self.model.buffers())}
+        run = SteadyStep(self.schedule, self.tiers, self.mover, self._states, never_copied)
+        self.mover.reset_counters()
+        audit = self._audit_next
+        self._audit_next = False
+        tracer = None
+        if audit:
+            self.mover.drain()
+            self.mover.synchronous = True
+            tracer = Tracer(self.model, self.optimizer, track_saved=False)
+            arena = self.tiers.arena()
+            tracer.start()
+            if arena is not None:
+                tracer.tag_external(arena, ARENA_NAME)
+        handles = [
+            self.optimizer.register_step_pre_hook(lambda *_: run.before_optimizer()),
+            self.optimizer.register_step_post_hook(lambda *_: run.after_optimizer()),
+        ]
+        hooks = torch.autograd.graph.saved_tensors_hooks(run.pack, run.unpack)
+        try:
+            with hooks:
+                yield
+            run.finish()
+        except BaseException:
+            for h in handles:
+                h.remove()
+            if tracer is not None:
+                tracer.stop()
+            self.mover.synchronous = False
+            self._restore()
+            self._phase = "profile"  # start afresh if the loop goes on
+            raise
+        for h in handles:
+            h.remove()
+        if tracer is not None:
+            self.mover.synchronous = False
+            self._audit_trace = tracer.stop()
+            self._audit_trace_fresh = True
+            self._stats.audited_peak_fast_bytes = max(fast_bytes_curve(self._audit_trace),
+                                                      default=0)
+        self._stats.stall_s.append(self.mover.stall_s)
+        self._stats.bytes_to_slow.append(self.mover.bytes_moved[Tier.SLOW])
+        self._stats.bytes_to_fast.append(self.mover.bytes_moved[Tier.FAST])
+        if run.mismatch is not None:
+            self._stats.mismatches.append(run.mismatch)
+            if not self._warned:
+                warnings.warn(
+                    f"sentinel: this step does not match the profiled one ({run.mismatch}); "
+                    "it ran without migrations, and the next step is profiled again",
+                    stacklevel=3,
+                )
+                self._warned = True
+            self._restore()
+            self._phase = "profile"
+
+    def _restore(self) -> None:
+        """Every managed tensor back in fast memory; nothing left in flight."""
+        self.mover.drain()
+        for state in self._states.values():
+            state.restore(self.mover, self.tiers)
+        self._states = {}
+        self.mover.drain()
+
+
+def fast_bytes_curve(trace: Trace) -> tuple[int, ...]:
+    """Bytes in the fast tier at each op of an audited step: every live storage but the arena."""
+    return trace.live_bytes_of(s for s in trace.storages if s.name != ARENA_NAME)

@@ -1,0 +1,207 @@
+"""Managed storages and their moves: saved activations and optimizer state.
+
+NOTE [Residency]
+An entry is FAST (its bytes in ordinary fast memory) or SLOW (its bytes in its
+slot of the slow arena). A move is issued on the compute thread and its copy
+runs on the mover; the entry's ``future`` is the copy in flight, and anything
+that needs the bytes waits for it first. An eviction drops every fast
+reference the runtime holds when its copy is done, so the fast memory is
+freed then (if the program holds no other reference). A prefetch allocates
+fast memory, copies, and switches the entry back. Saved activations are never
+written after they are saved (checked with ``_version``), so their slow copy
+stays valid and evicting them again costs nothing; optimizer state is written
+by every optimizer step, so it is copied each time it leaves.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from sentinel_hm.errors import SentinelError
+from sentinel_hm.planning.hardware import Access
+from sentinel_hm.planning.model import Tier
+from sentinel_hm.runtime.mover import Mover
+from sentinel_hm.tiers.base import Tiers
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+@dataclass(eq=False)
+class Handle:
+    """What autograd keeps instead of a saved tensor: the entry and how to rebuild the view."""
+
+    entry: SavedEntry
+    tensor: torch.Tensor | None  # the original, while its storage is fast
+    version: int
+    dtype: torch.dtype
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@dataclass(eq=False)
+class SavedEntry:
+    sid: int
+    nbytes: int
+    slot: torch.Tensor  # uint8 view of the slow arena
+    slot_offset: int
+    storage: torch.UntypedStorage | None  # fast bytes, or None when SLOW
+    # weak: autograd owns the handles; an entry must not keep saved tensors alive
+    handles: list[weakref.ref[Handle]] = field(default_factory=list)
+    future: Future[None] | None = None
+    in_slow: bool = False  # the slot holds the current bytes
+    unpacked: bool = False
+    evicted_version: int | None = None  # the storage's version when its bytes left
+
+    def handle(self, t: torch.Tensor) -> Handle | None:
+        """A handle for another save of this storage, or None if it cannot share the entry.
+
+        Once the bytes have left, the program may still hold the storage and save it again
+        (a ReLU output saved by ReLU, then by the next layer): the new handle must not hold
+        the fast tensor, and it may share the slot only if the bytes have not changed since.
+        """
+        keep: torch.Tensor | None = t
+        if self.evicted_version is not None:
+            if t._version != self.evicted_version:
+                return None
+            keep = None
+        h = Handle(self, keep, t._version, t.dtype, int(t.storage_offset()), tuple(t.size()),
+                   tuple(t.stride()))
+        self.handles.append(weakref.ref(h))
+        return h
+
+    @property
+    def fast(self) -> bool:
+        return self.storage is not None
+
+    def live_handles(self) -> list[Handle]:
+        return [h for h in (r() for r in self.handles) if h is not None]
+
+    def check_versions(self) -> None:
+        for h in self.live_handles():
+            if h.tensor is not None and h.tensor._version != h.version:
+                raise SentinelError(
+                    f"a tensor saved for backward (shape {tuple(h.size)}, {h.dtype}) was "
+                    f"modified in place after autograd saved it (version {h.version} -> "
+                    f"{h.tensor._version}); its gradient would be wrong: clone it before "
+                    "modifying it, or make the op out of place"
+                )
+
+    def evict(self, mover: Mover) -> None:
+        if self.storage is None:
+            return
+        self.check_versions()
+        live = [h.tensor for h in self.live_handles() if h.tensor is not None]
+        if live:
+            self.evicted_version = live[0]._version
+        if self.in_slow:  # unchanged since it came back: the slot is current
+            self._drop_fast()
+            return
+        src = _bytes_of(self.storage)
+
+        def work() -> None:
+            self.slot.copy_(src)
+            self.in_slow = True
+            self._drop_fast()
+
+        mover.wait(self.future)
+        self.future = mover.submit(Tier.SLOW, self.nbytes, work)
+
+    def _drop_fast(self) -> None:
+        self.storage = None
+        for h in self.live_handles():
+            h.tensor = None
+
+    def prefetch(self, mover: Mover, tiers: Tiers) -> None:
+        pending = self.future
+
+        def work() -> None:
+            if pending is not None:
+                pending.result()
+            if self.storage is not None:
+                return
+            fast = tiers.fast_empty(self.nbytes)
+            tiers.copy(fast, self.slot)
+            self.storage = fast.untyped_storage()
+
+        if self.storage is None or pending is not None:
+            self.future = mover.submit(Tier.FAST, self.nbytes, work)
+
+    def materialize(self, h: Handle, mover: Mover, tiers: Tiers) -> torch.Tensor:
+        """The saved tensor for autograd (on the compute thread)."""
+        mover.wait(self.future)
+        if h.tensor is not None:
+            if h.tensor._version != h.version:
+                self.check_versions()
+            return h.tensor
+        if self.storage is None:
+            if tiers.access is Access.DIRECT:
+                arena = self.slot.untyped_storage()
+                itemsize = torch.empty(0, dtype=h.dtype).element_size()
+                return torch.empty(0, dtype=h.dtype).set_(
+                    arena, self.slot_offset // itemsize + h.offset, h.size, h.stride
+                )
+            start = time.perf_counter()
+            fast = tiers.fast_empty(self.nbytes)
+            tiers.copy(fast, self.slot)
+            self.storage = fast.untyped_storage()
+            mover.stall(time.perf_counter() - start)
+            mover.bytes_moved[Tier.FAST] += self.nbytes
+        return torch.empty(0, dtype=h.dtype, device=self.storage.device).set_(
+            self.storage, h.offset, h.size, h.stride
+        )
+
+
+@dataclass(eq=False)
+class StateEntry:
+    """One optimizer-state tensor (``optimizer.state[param][key]``) that the plan moves."""
+
+    sid: int
+    state: dict[str, torch.Tensor]
+    key: str
+    slot: torch.Tensor
+    future: Future[None] | None = None
+    in_slow: bool = False  # the optimizer dict holds a slow-arena view
+
+    def evict(self, mover: Mover) -> None:
+        if self.in_slow:
+            return
+        self.in_slow = True
+        current = self.state[self.key]
+        slot_view = self.slot.view(current.dtype).view(current.shape)
+        src = current.detach().reshape(-1).view(torch.uint8)
+
+        def work() -> None:
+            self.slot.copy_(src)
+            self.state[self.key] = slot_view
+
+        mover.wait(self.future)
+        self.future = mover.submit(Tier.SLOW, self.slot.numel(), work)
+
+    def prefetch(self, mover: Mover, tiers: Tiers) -> None:
+        if not self.in_slow:
+            return
+        self.in_slow = False
+        pending = self.future
+
+        def work() -> None:
+            if pending is not None:
+                pending.result()
+            current = self.state[self.key]
+            fast = tiers.fast_empty(self.slot.numel())
+            tiers.copy(fast, self.slot)
+            self.state[self.key] = fast.view(current.dtype).view(current.shape)
+
+        self.future = mover.submit(Tier.FAST, self.slot.numel(), work)
+
+    def restore(self, mover: Mover, tiers: Tiers) -> None:
+        """Bring the tensor back to fast memory now (before the optimizer uses it, or on exit)."""
+        self.prefetch(mover, tiers)
+        mover.wait(self.future)

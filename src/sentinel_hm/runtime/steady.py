@@ -1,0 +1,148 @@
+"""One steady step: the saved-tensor hooks and optimizer hooks that execute a plan.
+
+See NOTE [Runtime clock] (schedule.py) and NOTE [Residency] (residency.py).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from sentinel_hm.planning.hardware import Access
+from sentinel_hm.planning.model import Tier
+from sentinel_hm.runtime.mover import Mover
+from sentinel_hm.runtime.residency import Handle, SavedEntry, StateEntry
+from sentinel_hm.runtime.schedule import Schedule
+from sentinel_hm.tiers.base import Tiers
+
+
+class SteadyStep:
+    """Executes ``schedule`` during one training step (forward, backward, optimizer)."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        tiers: Tiers,
+        mover: Mover,
+        states: dict[int, StateEntry],
+        never_copied: set[int],
+    ) -> None:
+        self.schedule = schedule
+        self.tiers = tiers
+        self.mover = mover
+        self.states = states
+        self.never_copied = never_copied  # storages of parameters and buffers
+        # Weak: the handles autograd holds keep entries (and their fast bytes) alive, exactly
+        # as long as the saved tensors would live without Sentinel.
+        self.entries: weakref.WeakValueDictionary[int, SavedEntry] = (
+            weakref.WeakValueDictionary()
+        )
+        self.seen: dict[int, tuple[weakref.ref[torch.UntypedStorage],
+                                   weakref.ref[SavedEntry] | None]] = {}
+        self.packed = 0
+        self.next_move = 0
+        self.mismatch: str | None = None
+
+    # -- the plan's clock ----------------------------------------------------------------------
+
+    def advance(self, op: int) -> None:
+        """Issue every move planned at or before trace op ``op``."""
+        if self.mismatch is not None:
+            return
+        moves = self.schedule.moves
+        while self.next_move < len(moves) and moves[self.next_move].issue_at <= op:
+            mv = moves[self.next_move]
+            self.next_move += 1
+            target: SavedEntry | StateEntry | None = self.entries.get(mv.storage)
+            if target is None:
+                target = self.states.get(mv.storage)
+            if target is None:
+                continue
+            if mv.to is Tier.SLOW:
+                target.evict(self.mover)
+            else:
+                target.prefetch(self.mover, self.tiers)
+
+    def mismatched(self, why: str) -> None:
+        """The step is not the profiled one: stop moving (what was moved still comes back)."""
+        if self.mismatch is None:
+            self.mismatch = why
+
+    # -- saved-tensor hooks --------------------------------------------------------------------
+
+    def pack(self, t: torch.Tensor) -> Any:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.never_copied:
+            return t
+        seen = self.seen.get(key)
+        if seen is not None and seen[0]() is storage:
+            entry = seen[1]() if seen[1] is not None else None
+            if entry is None:
+                return t  # unmanaged, or its earlier handles are gone
+            handle = entry.handle(t)
+            return t if handle is None else handle
+        # the first save of this storage in the step: the k-th, as in the profile
+        k = self.packed
+        self.packed += 1
+        entry = self._entry(k, storage)
+        self.seen[key] = (weakref.ref(storage), weakref.ref(entry) if entry else None)
+        handle = entry.handle(t) if entry is not None else None
+        # moves come after the handle exists, so an eviction sees (and drops) this save too
+        if self.mismatch is None:
+            self.advance(self.schedule.pack_op[k])
+            if entry is not None and entry.sid in self.schedule.start_slow:
+                entry.evict(self.mover)
+        return t if handle is None else handle
+
+    def _entry(self, k: int, storage: torch.UntypedStorage) -> SavedEntry | None:
+        s = self.schedule
+        if self.mismatch is not None:
+            return None
+        if k >= len(s.saved_order):
+            self.mismatched(f"autograd saved more tensors than in the profiled step ({k + 1})")
+            return None
+        if storage.nbytes() != s.saved_nbytes[k]:
+            self.mismatched(f"saved tensor {k} has {storage.nbytes()} bytes, the profile had "
+                            f"{s.saved_nbytes[k]}")
+            return None
+        sid = s.saved_order[k]
+        if sid not in s.managed_saved:
+            return None
+        offset = s.slots[sid]
+        entry = SavedEntry(sid, storage.nbytes(), self.tiers.slot(offset, storage.nbytes()),
+                           offset, storage)
+        self.entries[sid] = entry
+        return entry
+
+    def unpack(self, packed: Any) -> Any:
+        if not isinstance(packed, Handle):
+            return packed
+        entry = packed.entry
+        if not entry.unpacked:
+            entry.unpacked = True
+            op = self.schedule.unpack_op.get(entry.sid)
+            if op is not None:
+                self.advance(op)
+        return entry.materialize(packed, self.mover, self.tiers)
+
+    # -- optimizer hooks -----------------------------------------------------------------------
+
+    def before_optimizer(self) -> None:
+        if self.schedule.optimizer_op is not None:
+            self.advance(self.schedule.optimizer_op)
+        if self.tiers.access is Access.MIGRATE:  # the optimizer may only touch fast memory
+            for state in self.states.values():
+                state.restore(self.mover, self.tiers)
+
+    def after_optimizer(self) -> None:
+        self.advance(self.schedule.n_ops)
+
+    def finish(self) -> None:
+        """End of the step: issue what is left; check the step matched the profile."""
+        self.advance(self.schedule.n_ops)
+        if self.mismatch is None and self.packed != len(self.schedule.saved_order):
+            self.mismatched(f"autograd saved {self.packed} tensors, the profiled step "
+                            f"{len(self.schedule.saved_order)}")
