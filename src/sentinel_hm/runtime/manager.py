@@ -276,11 +276,15 @@ class Sentinel:
             self.optimizer.register_step_pre_hook(lambda *_: run.before_optimizer()),
             self.optimizer.register_step_post_hook(lambda *_: run.after_optimizer()),
         ]
-        hooks = torch.autograd.graph.saved_tensors_hooks(run.pack, run.unpack)
+        # Nothing saved to manage (a budget that fits the step): no hooks, no cost, and
+        # autograd keeps its own checks.
+        hooked = bool(self.schedule.managed_saved)
+        hooks = (torch.autograd.graph.saved_tensors_hooks(run.pack, run.unpack)
+                 if hooked else contextlib.nullcontext())
         try:
             with hooks:
                 yield
-            run.finish()
+            run.finish(hooked)
         except BaseException:
             for h in handles:
                 h.remove()

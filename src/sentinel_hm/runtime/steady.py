@@ -10,12 +10,34 @@ from typing import Any
 
 import torch
 
+from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.hardware import Access
 from sentinel_hm.planning.model import Tier
 from sentinel_hm.runtime.mover import Mover
 from sentinel_hm.runtime.residency import Handle, SavedEntry, StateEntry
 from sentinel_hm.runtime.schedule import Schedule
 from sentinel_hm.tiers.base import Tiers
+
+
+class _Unmanaged:
+    """A save the plan leaves alone. Installed saved-tensor hooks switch off autograd's own
+    check for tensors modified in place after they were saved, so it is done here."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.tensor = t
+        self.version = t._version
+
+    def unpack(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise SentinelError(
+                f"a tensor saved for backward (shape {tuple(self.tensor.shape)}, "
+                f"{self.tensor.dtype}) was modified in place after autograd saved it (version "
+                f"{self.version} -> {self.tensor._version}); its gradient would be wrong: clone "
+                "it before modifying it, or make the op out of place"
+            )
+        return self.tensor
 
 
 class SteadyStep:
@@ -81,9 +103,9 @@ class SteadyStep:
         if seen is not None and seen[0]() is storage:
             entry = seen[1]() if seen[1] is not None else None
             if entry is None:
-                return t  # unmanaged, or its earlier handles are gone
+                return _Unmanaged(t)  # unmanaged, or its earlier handles are gone
             handle = entry.handle(t)
-            return t if handle is None else handle
+            return _Unmanaged(t) if handle is None else handle
         # the first save of this storage in the step: the k-th, as in the profile
         k = self.packed
         self.packed += 1
@@ -95,7 +117,7 @@ class SteadyStep:
             self.advance(self.schedule.pack_op[k])
             if entry is not None and entry.sid in self.schedule.start_slow:
                 entry.evict(self.mover)
-        return t if handle is None else handle
+        return _Unmanaged(t) if handle is None else handle
 
     def _entry(self, k: int, storage: torch.UntypedStorage) -> SavedEntry | None:
         s = self.schedule
@@ -118,6 +140,8 @@ class SteadyStep:
         return entry
 
     def unpack(self, packed: Any) -> Any:
+        if isinstance(packed, _Unmanaged):
+            return packed.unpack()
         if not isinstance(packed, Handle):
             return packed
         entry = packed.entry
@@ -140,9 +164,10 @@ class SteadyStep:
     def after_optimizer(self) -> None:
         self.advance(self.schedule.n_ops)
 
-    def finish(self) -> None:
-        """End of the step: issue what is left; check the step matched the profile."""
+    def finish(self, hooked: bool) -> None:
+        """End of the step: issue what is left; check the step matched the profile (when the
+        saved-tensor hooks were installed to see it)."""
         self.advance(self.schedule.n_ops)
-        if self.mismatch is None and self.packed != len(self.schedule.saved_order):
+        if hooked and self.mismatch is None and self.packed != len(self.schedule.saved_order):
             self.mismatched(f"autograd saved {self.packed} tensors, the profiled step "
                             f"{len(self.schedule.saved_order)}")

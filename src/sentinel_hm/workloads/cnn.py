@@ -117,11 +117,15 @@ class ResNet(nn.Module):
 
 
 def build(size: str, seed: int) -> Workload:
+    """Build the ``size`` preset (see `from_config`)."""
+    return from_config(PRESETS[size], seed)
+
+
+def from_config(cfg: CNNConfig, seed: int) -> Workload:
     """Build the ``size`` preset; parameters come from torch's global RNG (seeded by the caller).
 
     Batches come from a private generator seeded with ``seed`` so they are reproducible.
     """
-    cfg = PRESETS[size]
     model = ResNet(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(seed)

@@ -123,12 +123,16 @@ class GPT(nn.Module):
 
 
 def build(size: str, seed: int) -> Workload:
+    """Build the ``size`` preset (see `from_config`)."""
+    return from_config(PRESETS[size], seed)
+
+
+def from_config(cfg: GPTConfig, seed: int) -> Workload:
     """Build the ``size`` preset; parameters come from torch's global RNG (seeded by the caller).
 
     Batches come from a private generator seeded with ``seed``, so the batch sequence does
     not depend on how much global randomness (dropout) the steps consume.
     """
-    cfg = PRESETS[size]
     model = GPT(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)

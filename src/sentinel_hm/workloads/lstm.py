@@ -90,11 +90,15 @@ class LSTMLM(nn.Module):
 
 
 def build(size: str, seed: int) -> Workload:
+    """Build the ``size`` preset (see `from_config`)."""
+    return from_config(PRESETS[size], seed)
+
+
+def from_config(cfg: LSTMConfig, seed: int) -> Workload:
     """Build the ``size`` preset; parameters come from torch's global RNG (seeded by the caller).
 
     Batches come from a private generator seeded with ``seed`` so they are reproducible.
     """
-    cfg = PRESETS[size]
     model = LSTMLM(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)

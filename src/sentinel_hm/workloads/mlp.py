@@ -75,11 +75,15 @@ class MLP(nn.Module):
 
 
 def build(size: str, seed: int) -> Workload:
+    """Build the ``size`` preset (see `from_config`)."""
+    return from_config(PRESETS[size], seed)
+
+
+def from_config(cfg: MLPConfig, seed: int) -> Workload:
     """Build the ``size`` preset; parameters come from torch's global RNG (seeded by the caller).
 
     Batches come from a private generator seeded with ``seed`` so they are reproducible.
     """
-    cfg = PRESETS[size]
     model = MLP(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
