@@ -1,38 +1,141 @@
-"""``sentinel demo``: the main job on the built-in GPT.
+"""``sentinel demo``: train the reference GPT with and without Sentinel and compare.
 
-Until the runtime lands this profiles the reference GPT and prints the trace
-summary; the runtime turns it into training with and without Sentinel.
+Same seed, same steps: plain training first, then training under Sentinel at a
+20% budget (or the smallest budget the plan allows, said plainly). Prints step
+times, the measured peak of fast-tier bytes against the budget, bytes moved,
+and whether losses and final parameters are bitwise equal; writes
+``sentinel-report/`` (a PNG of fast-tier bytes over one step with and without
+Sentinel, the Chrome trace of an audited steady step, the trace and the plan).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from sentinel_hm.cli.profile_cmd import profile_workload
-from sentinel_hm.report import summarize
+import torch
+
+from sentinel_hm.cli.profile_cmd import _progress
+from sentinel_hm.errors import SentinelError
+from sentinel_hm.planning.io import save_plan
+from sentinel_hm.report.tables import format_table
+from sentinel_hm.runtime import Sentinel, fast_bytes_curve
 from sentinel_hm.trace import save_chrome_trace, save_trace
+from sentinel_hm.units import format_bytes
 from sentinel_hm.workloads import SIZES, make_workload
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="profile the reference GPT and show what Sentinel sees",
-                       description="Profile the reference GPT and print the trace summary; "
-                                   "writes sentinel-report/ (trace and Chrome timeline).")
+    p = sub.add_parser("demo", help="train the reference GPT with and without Sentinel",
+                       description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--size", default="small", choices=SIZES, help="GPT size (default small)")
+    p.add_argument("--steps", type=int, default=8, help="training steps per run (default 8)")
+    p.add_argument("--budget", default="20%", help="fast memory for Sentinel (default 20%%)")
     p.add_argument("--out-dir", type=Path, default=Path("sentinel-report"),
-                   help="where to write the trace and timeline (default sentinel-report)")
+                   help="where to write the report (default sentinel-report)")
     p.set_defaults(run=run)
 
 
+@dataclass
+class _Run:
+    losses: list[torch.Tensor]
+    params: list[torch.Tensor]
+    sentinel: Sentinel | None
+    refused: str | None
+    step_s: list[float]
+
+
+def _train(args: argparse.Namespace, sentinel_budget: str | None) -> _Run:
+    torch.manual_seed(0)
+    wl = make_workload("gpt", size=args.size, seed=0)
+    sentinel = Sentinel(wl.model, wl.optimizer, fast_memory=sentinel_budget) \
+        if sentinel_budget else None
+    label = "with Sentinel" if sentinel else "plain"
+    losses: list[torch.Tensor] = []
+    times: list[float] = []
+    refused = None
+    for i in range(args.steps):
+        _progress(f"{label}: step {i + 1}/{args.steps}")
+        if sentinel is not None and i == args.steps - 2:
+            sentinel.audit()  # measure the true peak of a steady step
+        start = time.perf_counter()
+        try:
+            with sentinel.step() if sentinel else _Plain():
+                losses.append(wl.step())
+        except SentinelError as e:  # refused at plan time: the step itself trained normally
+            assert sentinel is not None
+            refused = str(e)
+            sentinel.fast_memory = "min"
+        times.append(time.perf_counter() - start)
+    _progress(f"{label}: {args.steps} steps done", done=True)
+    return _Run(losses, [p.detach().clone() for p in wl.model.parameters()], sentinel,
+                refused, times)
+
+
+class _Plain:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
-    workload = make_workload("gpt", size=args.size, seed=0)
-    trace = profile_workload(workload, warmup=3, label=f"gpt/{args.size}")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    save_trace(trace, args.out_dir / "trace.json.gz")
-    save_chrome_trace(trace, args.out_dir / "timeline.json")
-    print(summarize(trace))
-    print(f"\nwrote {args.out_dir}/trace.json.gz and {args.out_dir}/timeline.json "
-          "(open the timeline in https://ui.perfetto.dev)", file=sys.stderr)
-    return 0
+    if args.steps < 5:
+        raise SentinelError(f"--steps {args.steps} is too few: Sentinel needs a warm-up, a "
+                            "profiled and a trial step before steady steps; give 5 or more")
+    plain = _train(args, None)
+    ours = _train(args, args.budget)
+    sentinel = ours.sentinel
+    assert sentinel is not None and sentinel.trace is not None
+    stats = sentinel.stats()
+    if ours.refused:
+        print(f"note: {args.budget} was refused ({ours.refused}); "
+              "running at the smallest budget the plan allows instead.\n")
+    same_losses = all(torch.equal(a, b) for a, b in zip(plain.losses, ours.losses, strict=True))
+    same_params = all(torch.equal(a, b) for a, b in zip(plain.params, ours.params, strict=True))
+    t_plain = statistics.median(plain.step_s[1:])  # the first step pays one-off costs
+    t_ours = stats["median_step_s"]
+    peak, budget = stats["audited_peak_fast_bytes"], stats["budget_bytes"]
+    all_fast = stats["all_fast_peak_bytes"]
+    rows = [
+        ("step time (median)", f"{t_plain * 1e3:.0f} ms", f"{t_ours * 1e3:.0f} ms",
+         f"x{t_ours / t_plain:.2f}"),
+        ("fast-tier peak (measured)", format_bytes(all_fast), format_bytes(peak),
+         f"{peak / all_fast:.0%} of plain"),
+        ("budget", "-", f"{format_bytes(budget)} ({budget / all_fast:.0%})",
+         "within" if peak <= budget else "OVER"),
+        ("moved per step", "-", f"{format_bytes(stats['bytes_to_slow_per_step'])} out, "
+         f"{format_bytes(stats['bytes_to_fast_per_step'])} in", ""),
+        ("stall per step", "-", f"{stats['median_stall_s'] * 1e3:.1f} ms", ""),
+        ("predicted (simulator)", "-", f"{stats['predicted_step_s'] * 1e3:.0f} ms, peak "
+         f"{format_bytes(stats['predicted_peak_fast_bytes'])}", ""),
+        ("losses bitwise equal", "", "yes" if same_losses else "NO", ""),
+        ("final parameters bitwise equal", "", "yes" if same_params else "NO", ""),
+    ]
+    print(f"GPT/{args.size}, {args.steps} steps each, tiers: {stats['tiers']}")
+    print("\n".join(format_table(("", "plain", "Sentinel", ""), rows, left=1)))
+    out = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    save_trace(sentinel.trace, out / "trace.json.gz")
+    if sentinel.plan is not None:
+        save_plan(sentinel.plan, out / "plan.json")
+    written = [out / "trace.json.gz", out / "plan.json"]
+    audit = sentinel.audit_trace
+    if audit is not None:
+        written.append(save_chrome_trace(audit, out / "steady_step.chrome.json"))
+        try:
+            from sentinel_hm.report.plots import plot_fast_bytes
+
+            written.append(plot_fast_bytes(
+                {"plain": sentinel.trace.live_bytes, "with Sentinel": fast_bytes_curve(audit)},
+                out / "fast_bytes.png", budget_bytes=budget,
+                title=f"GPT/{args.size}: fast-tier bytes over one step"))
+        except SentinelError as e:
+            print(f"no PNG: {e}", file=sys.stderr)
+    print("\nwrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0 if same_losses and same_params and peak <= budget else 1

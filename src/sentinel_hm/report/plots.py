@@ -65,3 +65,38 @@ def plot_slowdown(
     except OSError as e:
         raise SentinelError(f"{path}: cannot write the plot: {e}") from None
     return path
+
+
+def plot_fast_bytes(
+    curves: Mapping[str, Sequence[int]],
+    path: str | Path,
+    *,
+    budget_bytes: int | None = None,
+    title: str = "",
+) -> Path:
+    """PNG of fast-tier bytes over one step (x: the step's progress, 0 to 1), one line per
+    run, with the budget as a horizontal line."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax: Any = fig.add_subplot()
+    mib = 2**20
+    for label, curve in curves.items():
+        n = max(len(curve) - 1, 1)
+        ax.plot([i / n for i in range(len(curve))], [b / mib for b in curve], label=label,
+                linewidth=1.2)
+    if budget_bytes is not None:
+        ax.axhline(budget_bytes / mib, color="red", linewidth=0.9, linestyle="--",
+                   label="budget")
+    ax.set_xlabel("progress through the step (op index / op count)")
+    ax.set_ylabel("fast-tier bytes (MiB, measured)")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    return out
