@@ -75,3 +75,14 @@ def test_show_refuses_a_file_that_is_not_a_trace(tmp_path, capsys):
     bad.write_text("[1, 2, 3]")
     assert main(["show", str(bad)]) == 2
     assert "not a sentinel-hm trace" in capsys.readouterr().err
+
+
+def test_demo_trains_with_and_without_sentinel(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["demo", "--size", "tiny", "--steps", "6", "--out-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "losses bitwise equal" in printed and "yes" in printed
+    assert "within" in printed
+    assert (out / "trace.json.gz").exists() and (out / "plan.json").exists()
+    assert (out / "steady_step.chrome.json").exists()

@@ -166,6 +166,11 @@ class Sentinel:
         return self._stats.summary()
 
     @property
+    def steady_step_times(self) -> list[float]:
+        """Wall time of each steady step so far (audited steps excluded), in seconds."""
+        return list(self._stats.step_s)
+
+    @property
     def audit_trace(self) -> Trace | None:
         """The trace of the last audited step (fast-tier bytes: `fast_bytes_curve`)."""
         return self._audit_trace
