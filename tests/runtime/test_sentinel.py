@@ -22,11 +22,12 @@ CONFIGS: dict[str, Callable[[int], Workload]] = {
 STEPS = 6
 
 
-def train(name: str, fast_memory: str | None, accumulate: int = 1,
-          autocast: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], sh.Sentinel | None]:
+def train(name: str, fast_memory: str | None, accumulate: int = 1, autocast: bool = False,
+          tiers: str = "auto") -> tuple[list[torch.Tensor], list[torch.Tensor], sh.Sentinel | None]:
     torch.manual_seed(0)
     wl = CONFIGS[name](0)
-    sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory=fast_memory) if fast_memory else None
+    sentinel = (sh.Sentinel(wl.model, wl.optimizer, fast_memory=fast_memory, tiers=tiers)
+                if fast_memory else None)
     losses = []
     for i in range(STEPS):
         if sentinel is not None and i == STEPS - 1:
@@ -117,8 +118,6 @@ def test_exception_inside_a_step_leaves_the_model_usable():
     for _ in range(3):
         with sentinel.step():
             wl.step()
-    assert any(isinstance(e.state[k], torch.Tensor) for e in sentinel._states.values()
-               for k in [e.key])
     with pytest.raises(RuntimeError, match="boom"), sentinel.step():
         wl.model(*wl.make_batch()).backward()
         raise RuntimeError("boom")
@@ -188,3 +187,59 @@ def test_a_step_unlike_the_profile_runs_safely_and_reprofiles():
     with sentinel.step():  # profiled again
         wl.step()
     assert sentinel.stats()["profiles"] == 2
+
+
+def test_direct_access_tiers():
+    a = train("cnn", None)
+    b = train("cnn", "50%", tiers="host:direct")
+    assert_same(a[0], b[0])
+    assert_same(a[1], b[1])
+    stats = b[2].stats()
+    assert stats["tiers"] == "host (direct access)"
+    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
+
+
+def test_unknown_tiers_are_refused():
+    wl = CONFIGS["mlp"](0)
+    with pytest.raises(sh.SentinelError, match="tiers='gpu9' is not known: use one of"):
+        sh.Sentinel(wl.model, wl.optimizer, tiers="gpu9")
+
+
+class MarkedMLP(torch.nn.Module):
+    """Layers marked by the model itself with sh.add_layer (the seed's API)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fcs = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+                                          for _ in range(4))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for i, w in enumerate(self.fcs):
+            if i:
+                x = sh.add_layer(x)
+            x = torch.tanh(x @ w)
+        return torch.nn.functional.mse_loss(x, y)
+
+
+def test_add_layer_marks_under_sentinel():
+    def run(budget: str | None) -> tuple[list[torch.Tensor], sh.Sentinel | None]:
+        torch.manual_seed(0)
+        model = MarkedMLP()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        sentinel = sh.Sentinel(model, opt, fast_memory=budget) if budget else None
+        g = torch.Generator().manual_seed(0)
+        for _ in range(STEPS):
+            x, y = torch.randn(512, 64, generator=g), torch.randn(512, 64, generator=g)
+            with sentinel.step() if sentinel else _nothing():
+                model(x, y).backward()
+                opt.step()
+                opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()], sentinel
+
+    plain, _ = run(None)
+    ours, sentinel = run("min")
+    assert_same(plain, ours)
+    assert sentinel is not None and sentinel.trace is not None
+    assert sentinel.trace.meta["layer_source"] == "add_layer"
+    assert len(sentinel.trace.layers) == 4
+    assert sentinel.stats()["bytes_to_slow_per_step"] > 0

@@ -14,9 +14,9 @@ the plan is made again for a budget lowered by the excess, and measured again,
 up to ``MAX_REPLANS`` times; after that the step raises `SentinelError`. With
 ``fast_memory="min"`` the budget is the measured peak of the smallest plan.
 
-Known limitations: gradients and parameters stay in fast memory (the plan
-moves saved activations and optimizer state); optimizer state streams as a
-whole before and after ``optimizer.step()``, not per parameter; the host
+Known limitations: parameters stay in fast memory (the plan moves saved
+activations, gradients and optimizer state); optimizer state and gradients
+come back as a whole before ``optimizer.step()``, not per parameter; the host
 tiers' copies share the CPU with compute.
 """
 
@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.model import Plan, Tier
 from sentinel_hm.planning.planner import context, make_plan, min_budget
 from sentinel_hm.runtime.mover import Mover
-from sentinel_hm.runtime.residency import StateEntry
+from sentinel_hm.runtime.residency import HeldEntry
 from sentinel_hm.runtime.schedule import SavedEvents, Schedule
 from sentinel_hm.runtime.steady import SteadyStep
 from sentinel_hm.sim.replay import SimResult, simulate
@@ -48,7 +49,7 @@ from sentinel_hm.units import format_bytes, parse_budget
 
 ARENA_NAME = "sentinel: slow arena"
 MAX_REPLANS = 4
-_MOVABLE = frozenset({Kind.SAVED_ACTIVATION, Kind.OPTIMIZER_STATE})
+_MOVABLE = frozenset({Kind.SAVED_ACTIVATION, Kind.OPTIMIZER_STATE, Kind.GRADIENT})
 
 
 @dataclass
@@ -119,7 +120,7 @@ class Sentinel:
         self.plan: Plan | None = None
         self.schedule: Schedule | None = None
         self.prediction: SimResult | None = None
-        self._states: dict[int, StateEntry] = {}
+        self._held: dict[int, HeldEntry] = {}
         self._phase = "warmup" if not optimizer.state else "profile"
         self._audit_next = False
         self._audit_trace: Trace | None = None
@@ -250,21 +251,29 @@ class Sentinel:
         self._stats.predicted_peak_fast_bytes = self.prediction.peak_fast_bytes
         self.tiers.reserve(schedule.arena_bytes)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._states = {}
+        named = dict(self.model.named_parameters())
+        self._held = {}
         for sid, (index, key) in schedule.states.items():
             state = self.optimizer.state[params[index]]
-            entry = StateEntry(sid, state, key, self.tiers.slot(schedule.slots[sid],
-                                                                 trace.storages[sid].nbytes))
-            self._states[sid] = entry
-            if sid in schedule.start_slow:
-                entry.evict(self.mover)
+            self._held[sid] = HeldEntry(sid, partial(state.get, key),
+                                        partial(state.__setitem__, key), self._slot(sid))
+        for sid, name in schedule.grads.items():
+            param = named[name]
+            self._held[sid] = HeldEntry(sid, partial(getattr, param, "grad"),
+                                        partial(setattr, param, "grad"), self._slot(sid))
+        for sid in schedule.start_slow & set(self._held):
+            self._held[sid].evict(self.mover)
         self.mover.drain()
+
+    def _slot(self, sid: int) -> torch.Tensor:
+        assert self.schedule is not None and self.trace is not None
+        return self.tiers.slot(self.schedule.slots[sid], self.trace.storages[sid].nbytes)
 
     def _steady_step(self) -> Iterator[None]:
         assert self.schedule is not None
         never_copied = {t.untyped_storage()._cdata
                         for t in (*self.model.parameters(), *self.model.buffers())}
-        run = SteadyStep(self.schedule, self.tiers, self.mover, self._states, never_copied)
+        run = SteadyStep(self.schedule, self.tiers, self.mover, self._held, never_copied)
         self.mover.reset_counters()
         audit = self._audit_next
         self._audit_next = False
@@ -325,9 +334,9 @@ class Sentinel:
     def _restore(self) -> None:
         """Every managed tensor back in fast memory; nothing left in flight."""
         self.mover.drain()
-        for state in self._states.values():
-            state.restore(self.mover, self.tiers)
-        self._states = {}
+        for held in self._held.values():
+            held.restore(self.mover, self.tiers)
+        self._held = {}
         self.mover.drain()
 
 

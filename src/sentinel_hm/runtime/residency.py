@@ -9,14 +9,17 @@ reference the runtime holds when its copy is done, so the fast memory is
 freed then (if the program holds no other reference). A prefetch allocates
 fast memory, copies, and switches the entry back. Saved activations are never
 written after they are saved (checked with ``_version``), so their slow copy
-stays valid and evicting them again costs nothing; optimizer state is written
-by every optimizer step, so it is copied each time it leaves.
+stays valid and evicting them again costs nothing. Optimizer state and
+gradients are held by the program (``optimizer.state``, ``param.grad``): they
+move by copying and swapping the program's reference, and are copied each time
+they leave, since the optimizer and backward write them.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -160,44 +163,53 @@ class SavedEntry:
 
 
 @dataclass(eq=False)
-class StateEntry:
-    """One optimizer-state tensor (``optimizer.state[param][key]``) that the plan moves."""
+class HeldEntry:
+    """A tensor the program holds by reference (``optimizer.state[p][key]``, ``p.grad``)
+    that the plan moves: moving it means copying and swapping the reference, which
+    ``get``/``put`` read and write. ``get`` returns None while there is nothing to move
+    (a gradient after ``zero_grad``)."""
 
     sid: int
-    state: dict[str, torch.Tensor]
-    key: str
+    get: Callable[[], torch.Tensor | None]
+    put: Callable[[torch.Tensor], None]
     slot: torch.Tensor
     future: Future[None] | None = None
-    in_slow: bool = False  # the optimizer dict holds a slow-arena view
+
+    def _in_slot(self, t: torch.Tensor) -> bool:
+        return t.data_ptr() == self.slot.data_ptr()
 
     def evict(self, mover: Mover) -> None:
-        if self.in_slow:
+        mover.wait(self.future)
+        current = self.get()
+        if current is None or self._in_slot(current):
             return
-        self.in_slow = True
-        current = self.state[self.key]
         slot_view = self.slot.view(current.dtype).view(current.shape)
         src = current.detach().reshape(-1).view(torch.uint8)
 
         def work() -> None:
             self.slot.copy_(src)
-            self.state[self.key] = slot_view
+            # swap only if the program still holds this tensor (zero_grad may have dropped it
+            # meanwhile: a gradient must not come back from the slot into the next step)
+            if self.get() is current:
+                self.put(slot_view)
 
-        mover.wait(self.future)
         self.future = mover.submit(Tier.SLOW, self.slot.numel(), work)
 
     def prefetch(self, mover: Mover, tiers: Tiers) -> None:
-        if not self.in_slow:
-            return
-        self.in_slow = False
         pending = self.future
+        current = self.get()
+        if pending is None and (current is None or not self._in_slot(current)):
+            return
 
         def work() -> None:
             if pending is not None:
                 pending.result()
-            current = self.state[self.key]
+            held = self.get()
+            if held is None or not self._in_slot(held):
+                return
             fast = tiers.fast_empty(self.slot.numel())
             tiers.copy(fast, self.slot)
-            self.state[self.key] = fast.view(current.dtype).view(current.shape)
+            self.put(fast.view(held.dtype).view(held.shape))
 
         self.future = mover.submit(Tier.FAST, self.slot.numel(), work)
 

@@ -49,6 +49,7 @@ class Schedule:
     unpack_op: dict[int, int]
     managed_saved: frozenset[int]
     states: dict[int, tuple[int, str]]  # trace storage -> (parameter index, state key)
+    grads: dict[int, str]  # trace storage -> parameter name
     moves: tuple[Move, ...]
     start_slow: frozenset[int]  # managed storages in the slow tier at start or creation
     slots: dict[int, int]  # trace storage -> byte offset in the slow arena
@@ -72,7 +73,13 @@ class Schedule:
             match = _STATE_NAME.fullmatch(s.name or "")
             if s.kind is Kind.OPTIMIZER_STATE and match:
                 states[sid] = (int(match.group(1)), match.group(2))
-        runnable = saved | frozenset(states)
+        grads = {
+            sid: name.removesuffix(".grad")
+            for sid in managed
+            if storages[sid].kind is Kind.GRADIENT
+            and (name := storages[sid].name or "").endswith(".grad")
+        }
+        runnable = saved | frozenset(states) | frozenset(grads)
         slots: dict[int, int] = {}
         offset = 0
         for sid in sorted(runnable):
@@ -86,6 +93,7 @@ class Schedule:
             unpack_op={sid: op for sid, op in events.unpack_op.items() if sid in saved},
             managed_saved=saved,
             states=states,
+            grads=grads,
             moves=tuple(m for m in plan.moves if m.storage in runnable),
             start_slow=frozenset(s for s, fast in plan.placement.items()
                                  if s in runnable and fast == 0),

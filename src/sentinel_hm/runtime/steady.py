@@ -14,7 +14,7 @@ from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.hardware import Access
 from sentinel_hm.planning.model import Tier
 from sentinel_hm.runtime.mover import Mover
-from sentinel_hm.runtime.residency import Handle, SavedEntry, StateEntry
+from sentinel_hm.runtime.residency import Handle, HeldEntry, SavedEntry
 from sentinel_hm.runtime.schedule import Schedule
 from sentinel_hm.tiers.base import Tiers
 
@@ -48,13 +48,13 @@ class SteadyStep:
         schedule: Schedule,
         tiers: Tiers,
         mover: Mover,
-        states: dict[int, StateEntry],
+        held: dict[int, HeldEntry],
         never_copied: set[int],
     ) -> None:
         self.schedule = schedule
         self.tiers = tiers
         self.mover = mover
-        self.states = states
+        self.held = held  # optimizer state and gradients
         self.never_copied = never_copied  # storages of parameters and buffers
         # Weak: the handles autograd holds keep entries (and their fast bytes) alive, exactly
         # as long as the saved tensors would live without Sentinel.
@@ -77,9 +77,9 @@ class SteadyStep:
         while self.next_move < len(moves) and moves[self.next_move].issue_at <= op:
             mv = moves[self.next_move]
             self.next_move += 1
-            target: SavedEntry | StateEntry | None = self.entries.get(mv.storage)
+            target: SavedEntry | HeldEntry | None = self.entries.get(mv.storage)
             if target is None:
-                target = self.states.get(mv.storage)
+                target = self.held.get(mv.storage)
             if target is None:
                 continue
             if mv.to is Tier.SLOW:
@@ -158,8 +158,8 @@ class SteadyStep:
         if self.schedule.optimizer_op is not None:
             self.advance(self.schedule.optimizer_op)
         if self.tiers.access is Access.MIGRATE:  # the optimizer may only touch fast memory
-            for state in self.states.values():
-                state.restore(self.mover, self.tiers)
+            for held in self.held.values():
+                held.restore(self.mover, self.tiers)
 
     def after_optimizer(self) -> None:
         self.advance(self.schedule.n_ops)
