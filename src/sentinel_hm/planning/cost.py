@@ -1,7 +1,9 @@
 """Cost model: how long each op takes on the target, and what slow data adds.
 
 Op time. When the trace was taken on the target (``Hardware.measured_op_times``)
-the measured duration is used. Otherwise a roofline from first principles:
+the measured duration is used, plus the per-op framework overhead that a
+duration does not include (Python, dispatch, autograd's engine between ops:
+``op_overhead_s``, which a runtime calibrates from a timed plain step). Otherwise a roofline from first principles:
 ``max(flops / peak flops, bytes / fast-tier bandwidth) + per-op overhead``,
 with reads and writes at their own bandwidths.
 
@@ -31,7 +33,7 @@ class CostModel:
         self.base_s: list[float] = []
         for op in trace.ops:
             if hardware.measured_op_times:
-                self.base_s.append(op.duration_s)
+                self.base_s.append(op.duration_s + hardware.op_overhead_s)
             else:
                 memory = op.read_bytes / fast.read_bytes_per_s + op.write_bytes / fast.write_bytes_per_s
                 self.base_s.append(max(op.flops / hardware.flops_per_s, memory) + hardware.op_overhead_s)

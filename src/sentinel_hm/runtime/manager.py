@@ -23,6 +23,7 @@ tiers' copies share the CPU with compute.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 import warnings
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from sentinel_hm.errors import SentinelError
+from sentinel_hm.planning.hardware import Hardware
 from sentinel_hm.planning.model import Plan, Tier
 from sentinel_hm.planning.planner import context, make_plan, min_budget
 from sentinel_hm.runtime.mover import Mover
@@ -121,7 +123,10 @@ class Sentinel:
         self.schedule: Schedule | None = None
         self.prediction: SimResult | None = None
         self._held: dict[int, HeldEntry] = {}
-        self._phase = "warmup" if not optimizer.state else "profile"
+        # A plain warm-up step: the optimizer creates its state (the profiled step must look
+        # like the steady ones), and its wall time calibrates the per-op overhead.
+        self._phase = "warmup"
+        self._plain_step_s: float | None = None
         self._audit_next = False
         self._audit_trace: Trace | None = None
         self._events = SavedEvents()
@@ -142,6 +147,7 @@ class Sentinel:
         phase = self._phase
         if phase == "warmup":
             yield
+            self._plain_step_s = time.perf_counter() - start
             self._phase = "profile"
         elif phase == "profile":
             yield from self._profile_step()
@@ -196,7 +202,7 @@ class Sentinel:
             trace = tracer.stop()
         self._stats.profiles += 1
         self._events = events
-        hw = self.tiers.hardware()
+        hw = self._calibrated(trace)
         self._ctx = context(trace, hw, movable=_MOVABLE, stream_optimizer=False)
         if self.fast_memory == "min":
             self._budget = min_budget(self._ctx, self.policy)
@@ -228,9 +234,21 @@ class Sentinel:
         target = self.plan.budget_bytes - (measured - self._budget)
         self._make_plan(self.trace, target)
 
+    def _calibrated(self, trace: Trace) -> Hardware:
+        """The tiers' hardware model, with the per-op framework overhead measured: the plain
+        warm-up step's wall time minus the profiled step's op times, per op (the optimizer
+        creating its state in the warm-up makes this an upper bound)."""
+        hw = self.tiers.hardware()
+        if self._plain_step_s is None or not trace.ops or not hw.measured_op_times:
+            return hw
+        ops_s = sum(op.duration_s for op in trace.ops)
+        overhead = max(0.0, (self._plain_step_s - ops_s) / len(trace.ops))
+        return dataclasses.replace(hw, op_overhead_s=overhead)
+
     def _make_plan(self, trace: Trace, target: int) -> None:
         """Plan for ``target`` bytes (the budget, or less after a measured excess)."""
-        hw, ctx, budget = self.tiers.hardware(), self._ctx, self._budget
+        ctx, budget = self._ctx, self._budget
+        hw = ctx.hardware
         self._restore()
         try:
             plan = make_plan(trace, hw, target, self.policy, ctx=ctx)
@@ -262,7 +280,7 @@ class Sentinel:
             self._held[sid] = HeldEntry(sid, partial(getattr, param, "grad"),
                                         partial(setattr, param, "grad"), self._slot(sid))
         for sid in schedule.start_slow & set(self._held):
-            self._held[sid].evict(self.mover)
+            self._held[sid].evict(self.mover, self.tiers)
         self.mover.drain()
 
     def _slot(self, sid: int) -> torch.Tensor:

@@ -97,7 +97,7 @@ class SavedEntry:
                     "modifying it, or make the op out of place"
                 )
 
-    def evict(self, mover: Mover) -> None:
+    def evict(self, mover: Mover, tiers: Tiers) -> None:
         if self.storage is None:
             return
         self.check_versions()
@@ -110,7 +110,7 @@ class SavedEntry:
         src = _bytes_of(self.storage)
 
         def work() -> None:
-            self.slot.copy_(src)
+            tiers.copy(self.slot, src)
             self.in_slow = True
             self._drop_fast()
 
@@ -178,7 +178,7 @@ class HeldEntry:
     def _in_slot(self, t: torch.Tensor) -> bool:
         return t.data_ptr() == self.slot.data_ptr()
 
-    def evict(self, mover: Mover) -> None:
+    def evict(self, mover: Mover, tiers: Tiers) -> None:
         mover.wait(self.future)
         current = self.get()
         if current is None or self._in_slot(current):
@@ -187,7 +187,7 @@ class HeldEntry:
         src = current.detach().reshape(-1).view(torch.uint8)
 
         def work() -> None:
-            self.slot.copy_(src)
+            tiers.copy(self.slot, src)
             # swap only if the program still holds this tensor (zero_grad may have dropped it
             # meanwhile: a gradient must not come back from the slot into the next step)
             if self.get() is current:

@@ -83,7 +83,7 @@ class SteadyStep:
             if target is None:
                 continue
             if mv.to is Tier.SLOW:
-                target.evict(self.mover)
+                target.evict(self.mover, self.tiers)
             else:
                 target.prefetch(self.mover, self.tiers)
 
@@ -116,7 +116,7 @@ class SteadyStep:
         if self.mismatch is None:
             self.advance(self.schedule.pack_op[k])
             if entry is not None and entry.sid in self.schedule.start_slow:
-                entry.evict(self.mover)
+                entry.evict(self.mover, self.tiers)
         return _Unmanaged(t) if handle is None else handle
 
     def _entry(self, k: int, storage: torch.UntypedStorage) -> SavedEntry | None:

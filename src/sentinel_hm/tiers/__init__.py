@@ -4,17 +4,22 @@ from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.hardware import Access
 from sentinel_hm.tiers.base import Tiers
 from sentinel_hm.tiers.host import HostTiers
+from sentinel_hm.tiers.throttled import ThrottledTiers
 
-TIER_SPECS = ("auto", "host", "host:direct")
+TIER_SPECS = ("auto", "host", "host:direct", "throttled:h2d=...,d2h=...")
 
 
 def open_tiers(spec: str) -> Tiers:
-    """``auto`` (the best available: host on this build), ``host`` or ``host:direct``."""
+    """``auto`` (the best available: host on this build), ``host``, ``host:direct``, or
+    ``throttled:h2d=8GB/s,d2h=8GB/s[,latency=10us]``."""
     if spec in ("auto", "host"):
         return HostTiers(Access.MIGRATE)
     if spec == "host:direct":
         return HostTiers(Access.DIRECT)
+    kind, _, options = spec.partition(":")
+    if kind == "throttled":
+        return ThrottledTiers.parse(options)
     raise SentinelError(f"tiers={spec!r} is not known: use one of {', '.join(TIER_SPECS)}")
 
 
-__all__ = ["TIER_SPECS", "HostTiers", "Tiers", "open_tiers"]
+__all__ = ["TIER_SPECS", "HostTiers", "ThrottledTiers", "Tiers", "open_tiers"]
