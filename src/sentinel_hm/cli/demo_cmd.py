@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train the reference GPT with and without Sentinel",
                        description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--size", default="small", choices=SIZES, help="GPT size (default small)")
-    p.add_argument("--steps", type=int, default=8, help="training steps per run (default 8)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per run (default 10)")
     p.add_argument("--budget", default="20%", help="fast memory for Sentinel (default 20%%)")
     p.add_argument("--out-dir", type=Path, default=Path("sentinel-report"),
                    help="where to write the report (default sentinel-report)")
@@ -60,8 +60,6 @@ def _train(args: argparse.Namespace, sentinel_budget: str | None) -> _Run:
     refused = None
     for i in range(args.steps):
         _progress(f"{label}: step {i + 1}/{args.steps}")
-        if sentinel is not None and i == args.steps - 2:
-            sentinel.audit()  # measure the true peak of a steady step
         start = time.perf_counter()
         try:
             with sentinel.step() if sentinel else _Plain():
@@ -85,9 +83,10 @@ class _Plain:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.steps < 5:
+    if args.steps < 8:
         raise SentinelError(f"--steps {args.steps} is too few: Sentinel needs a warm-up, a "
-                            "profiled and a trial step before steady steps; give 5 or more")
+                            "profiled step, up to three trial steps and an audited step before "
+                            "steady steps; give 8 or more")
     plain = _train(args, None)
     ours = _train(args, args.budget)
     sentinel = ours.sentinel

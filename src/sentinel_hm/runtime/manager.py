@@ -1,9 +1,10 @@
 """`Sentinel`: profile the first step, plan, then run the plan in every later step.
 
-Phases: ``warmup`` (a plain step, when the optimizer has not created its state
-yet: the profiled step must look like the steady ones), ``profile`` (one step
-under the tracer), ``trial`` (the plan runs in an audited step), ``steady``
-(the plan runs). A step that does not match the profile runs without
+Phases: ``warmup`` (a plain step: the optimizer creates its state, and the
+step's time calibrates the cost model), ``profile`` (one step under the
+tracer), ``tune`` (test-and-trial: a few interval lengths, one step each),
+``trial`` (the chosen plan runs in an audited step), ``steady`` (the plan
+runs). A step that does not match the profile runs without
 migrations and the next step is profiled again.
 
 NOTE [Measured budget]
@@ -39,6 +40,7 @@ from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.hardware import Hardware
 from sentinel_hm.planning.model import Plan, Tier
 from sentinel_hm.planning.planner import context, make_plan, min_budget
+from sentinel_hm.planning.policies.sentinel import parse_interval_label
 from sentinel_hm.runtime.mover import Mover
 from sentinel_hm.runtime.residency import HeldEntry
 from sentinel_hm.runtime.schedule import SavedEvents, Schedule
@@ -74,6 +76,8 @@ class Stats:
     predicted_peak_fast_bytes: int | None = None
     profiles: int = 0
     mismatches: list[str] = field(default_factory=list)
+    trials: list[dict[str, Any]] = field(default_factory=list)  # test-and-trial steps
+    chosen_interval: str | None = None
 
     def summary(self) -> dict[str, Any]:
         def median(xs: list[Any]) -> Any:
@@ -91,6 +95,7 @@ class Stats:
             "predicted_step_s": self.predicted_step_s,
             "predicted_peak_fast_bytes": self.predicted_peak_fast_bytes,
             "profiles": self.profiles, "mismatches": list(self.mismatches),
+            "trials": list(self.trials), "chosen_interval": self.chosen_interval,
         }
 
 
@@ -111,11 +116,16 @@ class Sentinel:
         fast_memory: str | int = "20%",
         tiers: str = "auto",
         policy: str = "sentinel",
+        trials: int = 3,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.fast_memory = fast_memory
         self.policy = policy
+        if trials < 0:
+            raise SentinelError(f"trials={trials} is negative: give 0 (no trials) or more")
+        self.trials = trials
+        self._tune: list[tuple[str, float]] = []  # interval lengths still to try: (label, predicted)
         self.tiers = open_tiers(tiers)
         self.mover = Mover()
         self.trace: Trace | None = None
@@ -155,7 +165,9 @@ class Sentinel:
             if phase == "trial":
                 self._audit_next = True
             yield from self._steady_step()
-            if phase == "trial" and self._phase == "trial":
+            if phase == "tune" and self._phase == "tune":
+                self._next_trial(time.perf_counter() - start)
+            elif phase == "trial" and self._phase == "trial":
                 self._check_measured_peak()
         self._stats.steps += 1
         if phase == "steady" and not self._audit_trace_fresh:
@@ -210,6 +222,50 @@ class Sentinel:
             self._budget = parse_budget(self.fast_memory, trace.peak_bytes)
         self._replans = 0
         self._make_plan(trace, self._budget)
+        self._start_trials()
+
+    def _start_trials(self) -> None:
+        """Test-and-trial (the seed's method): time a few interval lengths in real steps.
+
+        The candidates are the sentinel policy's feasible interval lengths with the best
+        predicted times, the planner's choice first; each runs one step, the fastest
+        measured is kept, and its plan then goes through the measured-budget trial.
+        """
+        assert self.plan is not None
+        search = self.plan.info.get("search")
+        chosen = self.plan.info.get("layers_per_interval")
+        self._tune = []
+        self._stats.trials = []
+        if self.trials and self.policy == "sentinel" and isinstance(search, dict) and chosen:
+            feasible = sorted((v, k) for k, v in search.items()
+                              if isinstance(v, float) and parse_interval_label(k))
+            self._tune = [(label, predicted) for predicted, label in feasible[: self.trials]]
+        if len(self._tune) > 1:
+            self._use_interval(self._tune[0][0])
+            self._phase = "tune"
+        else:
+            self._tune = []
+            self._phase = "trial"
+
+    def _use_interval(self, label: str) -> None:
+        assert self.trace is not None
+        length = parse_interval_label(label)
+        self._ctx = dataclasses.replace(self._ctx, interval_lengths=(length,), min_budgets={})
+        self._make_plan(self.trace, self._budget)
+
+    def _next_trial(self, measured_s: float) -> None:
+        label, predicted = self._tune.pop(0)
+        self._stats.trials.append({"interval": label, "predicted_s": predicted,
+                                   "measured_s": measured_s})
+        for next_label, _ in list(self._tune):
+            try:
+                self._use_interval(next_label)
+                return
+            except SentinelError:  # this length does not fit the budget after all
+                self._tune.pop(0)
+        best = min(self._stats.trials, key=lambda t: t["measured_s"])
+        self._stats.chosen_interval = str(best["interval"])
+        self._use_interval(str(best["interval"]))
         self._phase = "trial"
 
     def _check_measured_peak(self) -> None:

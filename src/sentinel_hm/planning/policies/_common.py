@@ -33,6 +33,9 @@ class Context:
     # hooks inside optimizer.step() moves optimizer state before and after it, not during).
     movable: frozenset[Kind] | None = None
     stream_optimizer: bool = True
+    # interval lengths the sentinel policy may try, as (layers per interval, intervals per
+    # layer); None: all of its candidates (a runtime's trials restrict it to one)
+    interval_lengths: tuple[tuple[int, int], ...] | None = None
     min_budgets: dict[str, int] = field(default_factory=dict, compare=False)  # planner's cache
 
     @cached_property

@@ -95,6 +95,13 @@ def _interval_peaks(ctx: Context, starts: tuple[int, ...]) -> list[int]:
     return [max(live[a:b], default=0) for a, b in itertools.pairwise(bounds)]
 
 
+def parse_interval_label(label: str) -> tuple[int, int] | None:
+    """``"3"`` -> (3, 1), ``"1/4"`` -> (1, 4); None for a label that is not a length."""
+    if label.startswith("1/") and label[2:].isdigit():
+        return 1, int(label[2:])
+    return (int(label), 1) if label.isdigit() else None
+
+
 def plan_intervals(
     ctx: Context, budget: int, k: int, target: int | None = None, splits: int = 1
 ) -> tuple[Plan, int]:
@@ -209,7 +216,7 @@ def sentinel(ctx: Context, budget: int) -> Plan:
     lowest_planned = None
     all_fast_s = sum(ctx.cost.base_s)  # no plan can beat compute alone
     worse = 0  # feasible candidates in a row slower than the best: longer ones rarely recover
-    for k, splits in CANDIDATE_LENGTHS:
+    for k, splits in ctx.interval_lengths or CANDIDATE_LENGTHS:
         if k > 2 * n_layers or worse >= 2 or (best and best[0] <= all_fast_s * (1 + 1e-9)):
             break
         label = str(k) if splits == 1 else f"1/{splits}"
@@ -237,7 +244,7 @@ def sentinel(ctx: Context, budget: int) -> Plan:
     # The plan of doing nothing clever is a candidate too: what the OS would do under direct
     # access, fetch-on-use under migrate access.
     fallback = "first-touch" if ctx.hardware.access is Access.DIRECT else "all-slow"
-    if ctx.movable is not None and fallback == "first-touch":
+    if ctx.interval_lengths is not None or (ctx.movable is not None and fallback == "first-touch"):
         fallback = ""  # a runtime cannot place arbitrary storages the way an OS does
     if fallback and (best is None or best[0] > all_fast_s * (1 + 1e-9)):
         static = REGISTRY[fallback](ctx, budget)
