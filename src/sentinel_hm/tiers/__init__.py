@@ -4,14 +4,16 @@ from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.hardware import Access
 from sentinel_hm.tiers.base import Tiers
 from sentinel_hm.tiers.host import HostTiers
+from sentinel_hm.tiers.numa import NumaTiers
 from sentinel_hm.tiers.throttled import ThrottledTiers
 
-TIER_SPECS = ("auto", "host", "host:direct", "throttled:h2d=...,d2h=...")
+TIER_SPECS = ("auto", "host", "host:direct", "throttled:h2d=...,d2h=...", "numa:FAST,SLOW")
 
 
 def open_tiers(spec: str) -> Tiers:
-    """``auto`` (the best available: host on this build), ``host``, ``host:direct``, or
-    ``throttled:h2d=8GB/s,d2h=8GB/s[,latency=10us]``."""
+    """``auto`` (the best available: host on this build; never NUMA, which needs the job
+    bound to the fast node), ``host``, ``host:direct``,
+    ``throttled:h2d=8GB/s,d2h=8GB/s[,latency=10us]``, or ``numa:0,1`` (fast node, slow node)."""
     if spec in ("auto", "host"):
         return HostTiers(Access.MIGRATE)
     if spec == "host:direct":
@@ -19,7 +21,9 @@ def open_tiers(spec: str) -> Tiers:
     kind, _, options = spec.partition(":")
     if kind == "throttled":
         return ThrottledTiers.parse(options)
+    if kind == "numa":
+        return NumaTiers.parse(options)
     raise SentinelError(f"tiers={spec!r} is not known: use one of {', '.join(TIER_SPECS)}")
 
 
-__all__ = ["TIER_SPECS", "HostTiers", "ThrottledTiers", "Tiers", "open_tiers"]
+__all__ = ["TIER_SPECS", "HostTiers", "NumaTiers", "ThrottledTiers", "Tiers", "open_tiers"]
