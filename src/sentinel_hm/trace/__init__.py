@@ -2,7 +2,8 @@
 
 from sentinel_hm.trace.chrome import save_chrome_trace, to_chrome_trace
 from sentinel_hm.trace.io import SCHEMA_VERSION, load_trace, save_trace
-from sentinel_hm.trace.layers import add_layer, find_layers
+from sentinel_hm.trace.layers import find_layers
+from sentinel_hm.trace.marks import add_layer
 from sentinel_hm.trace.model import (
     Kind,
     LayerRecord,

@@ -1,4 +1,4 @@
-"""Layers: found in a model's module tree, or marked by the user with `add_layer`.
+"""Layers found in a model's module tree (marks made with ``add_layer`` are in marks.py).
 
 Automatic detection (`find_layers`). A *block container* is an ``nn.ModuleList``
 or ``nn.Sequential`` with at least two non-leaf entries of the same class (the
@@ -15,9 +15,7 @@ children; a model without children is one layer.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
-import torch
 from torch import nn
 
 
@@ -49,33 +47,3 @@ def find_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     layers = expand("", model)
     return layers or [(type(model).__name__, model)]
-
-
-class _LayerBoundary(torch.autograd.Function):
-    """Identity whose autograd node marks a layer boundary in backward as well."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
-def add_layer(x: torch.Tensor) -> torch.Tensor:
-    """Mark the end of one layer and the start of the next; returns ``x`` (a view).
-
-    Call it between the layers of a forward pass, as in the original Sentinel:
-    ``x = sh.add_layer(x)``. Forward layer *i* and backward layer *i* are then
-    the ops between marks *i* and *i+1* (mark 0 is the start of the forward
-    pass). Outside a profile it costs one identity autograd node.
-    """
-    from sentinel_hm.trace.tracer import active_tracer
-
-    tracer = active_tracer()
-    if tracer is not None:
-        tracer.mark_layer(x)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _LayerBoundary.apply(x)
-    return x
