@@ -337,6 +337,7 @@ class Sentinel:
                                         partial(setattr, param, "grad"), self._slot(sid))
         for sid in schedule.start_slow & set(self._held):
             self._held[sid].evict(self.mover, self.tiers)
+            self._held[sid].commit(self.mover)
         self.mover.drain()
 
     def _slot(self, sid: int) -> torch.Tensor:
@@ -345,8 +346,9 @@ class Sentinel:
 
     def _steady_step(self) -> Iterator[None]:
         assert self.schedule is not None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         never_copied = {t.untyped_storage()._cdata
-                        for t in (*self.model.parameters(), *self.model.buffers())}
+                        for t in (*self.model.parameters(), *self.model.buffers(), *params)}
         run = SteadyStep(self.schedule, self.tiers, self.mover, self._held, never_copied)
         self.mover.reset_counters()
         audit = self._audit_next
@@ -407,11 +409,13 @@ class Sentinel:
 
     def _restore(self) -> None:
         """Every managed tensor back in fast memory; nothing left in flight."""
-        self.mover.drain()
-        for held in self._held.values():
-            held.restore(self.mover, self.tiers)
-        self._held = {}
-        self.mover.drain()
+        try:
+            self.mover.drain()
+        finally:  # even if a copy failed: nothing may stay in the arena
+            held, self._held = self._held, {}
+            for entry in held.values():
+                entry.restore(self.mover, self.tiers)
+            self.mover.drain()
 
 
 def fast_bytes_curve(trace: Trace) -> tuple[int, ...]:

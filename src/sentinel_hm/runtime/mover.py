@@ -38,6 +38,8 @@ class Mover:
             work()
             return _done()
         future = self._lanes[to].submit(work)
+        if len(self._pending) > 256:  # forget finished copies (their errors were seen by waits)
+            self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(future)
         return future
 

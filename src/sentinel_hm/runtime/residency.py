@@ -47,6 +47,7 @@ class Handle:
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
+    original: weakref.ref[torch.Tensor]  # to check its version after the bytes left
 
 
 @dataclass(eq=False)
@@ -62,6 +63,7 @@ class SavedEntry:
     in_slow: bool = False  # the slot holds the current bytes
     unpacked: bool = False
     evicted_version: int | None = None  # the storage's version when its bytes left
+    torn: bool = False  # modified in place during its eviction copy
 
     def handle(self, t: torch.Tensor) -> Handle | None:
         """A handle for another save of this storage, or None if it cannot share the entry.
@@ -70,13 +72,15 @@ class SavedEntry:
         (a ReLU output saved by ReLU, then by the next layer): the new handle must not hold
         the fast tensor, and it may share the slot only if the bytes have not changed since.
         """
+        if t.is_conj() or t.is_neg():
+            return None  # a lazy conjugate/negative view: set_() would not rebuild it
         keep: torch.Tensor | None = t
         if self.evicted_version is not None:
             if t._version != self.evicted_version:
                 return None
             keep = None
         h = Handle(self, keep, t._version, t.dtype, int(t.storage_offset()), tuple(t.size()),
-                   tuple(t.stride()))
+                   tuple(t.stride()), weakref.ref(t))
         self.handles.append(weakref.ref(h))
         return h
 
@@ -98,6 +102,7 @@ class SavedEntry:
                 )
 
     def evict(self, mover: Mover, tiers: Tiers) -> None:
+        mover.wait(self.future)  # a prefetch in flight lands first; then the bytes can leave
         if self.storage is None:
             return
         self.check_versions()
@@ -108,13 +113,15 @@ class SavedEntry:
             self._drop_fast()
             return
         src = _bytes_of(self.storage)
+        witness = live[0] if live else None  # shares the storage's version counter
 
         def work() -> None:
             tiers.copy(self.slot, src)
+            if witness is not None and witness._version != self.evicted_version:
+                self.torn = True  # written in place while being copied: the slot is not it
             self.in_slow = True
             self._drop_fast()
 
-        mover.wait(self.future)
         self.future = mover.submit(Tier.SLOW, self.nbytes, work)
 
     def _drop_fast(self) -> None:
@@ -144,6 +151,13 @@ class SavedEntry:
             if h.tensor._version != h.version:
                 self.check_versions()
             return h.tensor
+        original = h.original()
+        if self.torn or (original is not None and original._version != h.version):
+            raise SentinelError(
+                f"a tensor saved for backward (shape {tuple(h.size)}, {h.dtype}) was modified "
+                "in place after autograd saved it; its gradient would be wrong: clone it "
+                "before modifying it, or make the op out of place"
+            )
         if self.storage is None:
             if tiers.access is Access.DIRECT:
                 arena = self.slot.untyped_storage()
@@ -165,55 +179,67 @@ class SavedEntry:
 @dataclass(eq=False)
 class HeldEntry:
     """A tensor the program holds by reference (``optimizer.state[p][key]``, ``p.grad``)
-    that the plan moves: moving it means copying and swapping the reference, which
-    ``get``/``put`` read and write. ``get`` returns None while there is nothing to move
-    (a gradient after ``zero_grad``)."""
+    that the plan moves: moving it means copying, then swapping the program's reference,
+    which ``get``/``put`` read and write. ``get`` returns None while there is nothing to move
+    (a gradient after ``zero_grad``).
+
+    NOTE [Held-tensor swaps]: the mover thread only copies. The swap is committed on the
+    compute thread (`commit`, at the runtime's next event), and only if the program still
+    holds the same tensor, unchanged since the copy began (same ``_version``): an optimizer
+    that wrote it meanwhile, or ``zero_grad`` (in place or to None), makes the copy stale,
+    and it is dropped. Only plain tensors that own their whole storage move (a gradient can
+    be a view into a buffer shared with another gradient).
+    """
 
     sid: int
     get: Callable[[], torch.Tensor | None]
     put: Callable[[torch.Tensor], None]
     slot: torch.Tensor
     future: Future[None] | None = None
+    # the move in flight: (tensor copied from, its version then, the tensor to swap in)
+    _pending: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def _in_slot(self, t: torch.Tensor) -> bool:
         return t.data_ptr() == self.slot.data_ptr()
 
-    def evict(self, mover: Mover, tiers: Tiers) -> None:
-        mover.wait(self.future)
-        current = self.get()
-        if current is None or self._in_slot(current):
+    def _movable(self, t: torch.Tensor) -> bool:
+        return (t.is_contiguous() and t.storage_offset() == 0 and t.layout is torch.strided
+                and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+                == self.slot.numel())
+
+    def commit(self, mover: Mover) -> None:
+        """Swap the program's reference if the copy in flight is done and still current."""
+        if self._pending is None:
             return
-        slot_view = self.slot.view(current.dtype).view(current.shape)
+        mover.wait(self.future)
+        source, version, replacement = self._pending
+        self._pending = None
+        if self.get() is source and source._version == version:
+            self.put(replacement)
+
+    def evict(self, mover: Mover, tiers: Tiers) -> None:
+        self.commit(mover)
+        current = self.get()
+        if current is None or self._in_slot(current) or not self._movable(current):
+            return
         src = current.detach().reshape(-1).view(torch.uint8)
-
-        def work() -> None:
-            tiers.copy(self.slot, src)
-            # swap only if the program still holds this tensor (zero_grad may have dropped it
-            # meanwhile: a gradient must not come back from the slot into the next step)
-            if self.get() is current:
-                self.put(slot_view)
-
-        self.future = mover.submit(Tier.SLOW, self.slot.numel(), work)
+        self._pending = (current, current._version,
+                         self.slot.view(current.dtype).view(current.shape))
+        self.future = mover.submit(Tier.SLOW, self.slot.numel(),
+                                   lambda: tiers.copy(self.slot, src))
 
     def prefetch(self, mover: Mover, tiers: Tiers) -> None:
-        pending = self.future
+        self.commit(mover)
         current = self.get()
-        if pending is None and (current is None or not self._in_slot(current)):
+        if current is None or not self._in_slot(current):
             return
-
-        def work() -> None:
-            if pending is not None:
-                pending.result()
-            held = self.get()
-            if held is None or not self._in_slot(held):
-                return
-            fast = tiers.fast_empty(self.slot.numel())
-            tiers.copy(fast, self.slot)
-            self.put(fast.view(held.dtype).view(held.shape))
-
-        self.future = mover.submit(Tier.FAST, self.slot.numel(), work)
+        fast = tiers.fast_empty(self.slot.numel())
+        self._pending = (current, current._version,
+                         fast.view(current.dtype).view(current.shape))
+        self.future = mover.submit(Tier.FAST, self.slot.numel(),
+                                   lambda: tiers.copy(fast, self.slot))
 
     def restore(self, mover: Mover, tiers: Tiers) -> None:
-        """Bring the tensor back to fast memory now (before the optimizer uses it, or on exit)."""
+        """Back in fast memory now (before the optimizer uses it, or on exit)."""
         self.prefetch(mover, tiers)
-        mover.wait(self.future)
+        self.commit(mover)

@@ -55,6 +55,7 @@ class Schedule:
     slots: dict[int, int]  # trace storage -> byte offset in the slow arena
     arena_bytes: int
     optimizer_op: int | None  # first op of the optimizer phase
+    optimizer_end: int | None  # the op after its last
     n_ops: int
 
     @staticmethod
@@ -85,7 +86,9 @@ class Schedule:
         for sid in sorted(runnable):
             slots[sid] = offset
             offset += -(-storages[sid].nbytes // _ALIGN) * _ALIGN
-        optimizer_op = next((op.index for op in trace.ops if op.phase is Phase.OPTIMIZER), None)
+        optimizer_ops = [op.index for op in trace.ops if op.phase is Phase.OPTIMIZER]
+        optimizer_op = optimizer_ops[0] if optimizer_ops else None
+        optimizer_end = optimizer_ops[-1] + 1 if optimizer_ops else None
         return Schedule(
             saved_order=tuple(sid for sid, _ in keep),
             saved_nbytes=tuple(storages[sid].nbytes for sid, _ in keep),
@@ -100,5 +103,6 @@ class Schedule:
             slots=slots,
             arena_bytes=offset,
             optimizer_op=optimizer_op,
+            optimizer_end=optimizer_end,
             n_ops=len(trace.ops),
         )

@@ -66,26 +66,44 @@ class SteadyStep:
         self.packed = 0
         self.next_move = 0
         self.mismatch: str | None = None
+        self.in_flight: list[HeldEntry] = []  # held moves to commit (NOTE [Held-tensor swaps])
 
     # -- the plan's clock ----------------------------------------------------------------------
 
     def advance(self, op: int) -> None:
-        """Issue every move planned at or before trace op ``op``."""
+        """Issue every move planned at or before trace op ``op``; commit finished swaps."""
+        if self.in_flight:
+            self._commit(block=False)
         if self.mismatch is not None:
             return
         moves = self.schedule.moves
         while self.next_move < len(moves) and moves[self.next_move].issue_at <= op:
             mv = moves[self.next_move]
             self.next_move += 1
-            target: SavedEntry | HeldEntry | None = self.entries.get(mv.storage)
-            if target is None:
-                target = self.held.get(mv.storage)
-            if target is None:
+            saved = self.entries.get(mv.storage)
+            if saved is not None:
+                if mv.to is Tier.SLOW:
+                    saved.evict(self.mover, self.tiers)
+                else:
+                    saved.prefetch(self.mover, self.tiers)
+                continue
+            held = self.held.get(mv.storage)
+            if held is None:
                 continue
             if mv.to is Tier.SLOW:
-                target.evict(self.mover, self.tiers)
+                held.evict(self.mover, self.tiers)
             else:
-                target.prefetch(self.mover, self.tiers)
+                held.prefetch(self.mover, self.tiers)
+            self.in_flight.append(held)
+
+    def _commit(self, block: bool) -> None:
+        waiting = []
+        for held in self.in_flight:
+            if block or held.future is None or held.future.done():
+                held.commit(self.mover)
+            else:
+                waiting.append(held)
+        self.in_flight = waiting
 
     def mismatched(self, why: str) -> None:
         """The step is not the profiled one: stop moving (what was moved still comes back)."""
@@ -95,6 +113,8 @@ class SteadyStep:
     # -- saved-tensor hooks --------------------------------------------------------------------
 
     def pack(self, t: torch.Tensor) -> Any:
+        if t.layout is not torch.strided or type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return t  # sparse, nested, subclasses: not managed (the tracer skips them too)
         storage = t.untyped_storage()
         key = storage._cdata
         if key in self.never_copied:
@@ -150,24 +170,32 @@ class SteadyStep:
             op = self.schedule.unpack_op.get(entry.sid)
             if op is not None:
                 self.advance(op)
-        return entry.materialize(packed, self.mover, self.tiers)
+        tensor = entry.materialize(packed, self.mover, self.tiers)
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self.seen:  # a rebuilt storage saved again (recomputation)
+            self.seen[storage._cdata] = (weakref.ref(storage), weakref.ref(entry))
+        return tensor
 
     # -- optimizer hooks -----------------------------------------------------------------------
 
     def before_optimizer(self) -> None:
         if self.schedule.optimizer_op is not None:
             self.advance(self.schedule.optimizer_op)
+        self._commit(block=True)  # no swap may race the optimizer's writes
         if self.tiers.access is Access.MIGRATE:  # the optimizer may only touch fast memory
             for held in self.held.values():
                 held.restore(self.mover, self.tiers)
 
     def after_optimizer(self) -> None:
-        self.advance(self.schedule.n_ops)
+        end = self.schedule.optimizer_end
+        self.advance(end if end is not None else self.schedule.n_ops)
 
     def finish(self, hooked: bool) -> None:
         """End of the step: issue what is left; check the step matched the profile (when the
         saved-tensor hooks were installed to see it)."""
         self.advance(self.schedule.n_ops)
+        self._commit(block=True)
+        self.mover.drain()  # nothing of this step stays in flight into the next
         if hooked and self.mismatch is None and self.packed != len(self.schedule.saved_order):
             self.mismatched(f"autograd saved {self.packed} tensors, the profiled step "
                             f"{len(self.schedule.saved_order)}")

@@ -1,0 +1,136 @@
+"""Cases found in review: optimizers writing in place, views, dtypes and layouts that must not
+break bitwise equality or the step matching."""
+
+from __future__ import annotations
+
+import torch
+
+import sentinel_hm as sh
+
+from .test_sentinel import CONFIGS, STEPS, assert_same
+
+
+def _train(model_fn, opt_fn, batch_fn, budget, tiers="auto", set_to_none=True, steps=STEPS):
+    torch.manual_seed(0)
+    model = model_fn()
+    opt = opt_fn(model)
+    sentinel = sh.Sentinel(model, opt, fast_memory=budget, tiers=tiers) if budget else None
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        with sentinel.step() if sentinel else torch.enable_grad():
+            loss = model(*batch_fn(g))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=set_to_none)
+        losses.append(loss.detach())
+    return losses, [p.detach().clone() for p in model.parameters()], sentinel
+
+
+def _workload(name):
+    wl = CONFIGS[name](0)
+    return (lambda: CONFIGS[name](0).model,
+            lambda m: type(wl.optimizer)(m.parameters(), **{k: v for k, v in
+                                                           wl.optimizer.defaults.items()
+                                                           if k in ("lr", "momentum",
+                                                                    "weight_decay")}),
+            lambda g: CONFIGS[name](0).make_batch())
+
+
+def check(model_fn, opt_fn, batch_fn, budget, **kw):
+    a = _train(model_fn, opt_fn, batch_fn, None, **kw)
+    b = _train(model_fn, opt_fn, batch_fn, budget, **kw)
+    assert_same(a[0], b[0])
+    assert_same(a[1], b[1])
+    stats = b[2].stats()
+    assert stats["phase"] == "steady" and stats["profiles"] == 1, stats["mismatches"]
+    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
+    return stats
+
+
+def test_zero_grad_in_place_does_not_race_gradient_moves():
+    model_fn, opt_fn, batch_fn = _workload("lstm")
+    check(model_fn, opt_fn, batch_fn, "min", set_to_none=False,
+          tiers="throttled:h2d=200MB/s,d2h=200MB/s")
+
+
+def test_adamw_on_direct_access_tiers():
+    model_fn, _, batch_fn = _workload("cnn")
+    check(model_fn, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), batch_fn, "50%",
+          tiers="host:direct")
+
+
+def test_foreach_adam():
+    model_fn, _, batch_fn = _workload("gpt")
+    check(model_fn, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True),
+          batch_fn, "min")
+
+
+class Complex(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.complex64) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x @ self.w
+        return (z.conj() * z.sin()).real.sum()  # conj() is a lazy view autograd saves
+
+
+def test_complex_conjugate_views():
+    check(Complex, lambda m: torch.optim.SGD(m.parameters(), lr=1e-3),
+          lambda g: (torch.randn(512, 64, dtype=torch.complex64, generator=g),), "min")
+
+
+class SharedGrads(torch.nn.Module):
+    """a.grad and b.grad are views into one buffer (cat's backward): they must not move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(32, 64) * 0.1)
+        self.b = torch.nn.Parameter(torch.randn(32, 64) * 0.1)
+        self.c = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x @ torch.cat([self.a, self.b]))
+        return torch.tanh(h @ self.c).sum()
+
+
+def test_gradients_sharing_a_buffer():
+    check(SharedGrads, lambda m: torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9),
+          lambda g: (torch.randn(512, 64, generator=g),), "min")
+
+
+class SparseInput(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+
+    def forward(self, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x @ self.w)
+        return torch.tanh(torch.sparse.mm(adj, h)).sum()  # sparse.mm saves the sparse adj
+
+
+def test_sparse_saved_tensors_are_left_alone():
+    def batch(g):
+        idx = torch.randint(0, 256, (2, 1024), generator=g)
+        adj = torch.sparse_coo_tensor(idx, torch.ones(1024), (256, 256),
+                                      check_invariants=True).coalesce()
+        return adj, torch.randn(256, 64, generator=g)
+
+    check(SparseInput, lambda m: torch.optim.SGD(m.parameters(), lr=1e-2), batch, "min")
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+        # a parameter the optimizer updates but the module does not register
+        self.__dict__["scale"] = torch.nn.Parameter(torch.ones(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh((x * self.__dict__["scale"]) @ self.w).sum()
+
+
+def test_a_parameter_only_the_optimizer_knows():
+    check(Scaled, lambda m: torch.optim.SGD([*m.parameters(), m.__dict__["scale"]], lr=1e-2),
+          lambda g: (torch.randn(512, 64, generator=g),), "min")
