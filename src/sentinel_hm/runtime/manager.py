@@ -67,7 +67,8 @@ class Stats:
     planned_for_bytes: int | None = None  # below the budget after a measured excess
     all_fast_peak_bytes: int | None = None
     steps: int = 0
-    step_s: list[float] = field(default_factory=list)  # steady steps
+    step_s: list[float] = field(default_factory=list)  # steady steps (host time: on a GPU a
+    # step's kernels may still run when it returns; benchmarks synchronise themselves)
     stall_s: list[float] = field(default_factory=list)
     bytes_to_slow: list[int] = field(default_factory=list)
     bytes_to_fast: list[int] = field(default_factory=list)
@@ -126,8 +127,11 @@ class Sentinel:
             raise SentinelError(f"trials={trials} is negative: give 0 (no trials) or more")
         self.trials = trials
         self._tune: list[tuple[str, float]] = []  # interval lengths still to try: (label, predicted)
+        if tiers == "auto" and any(p.is_cuda for p in model.parameters()):
+            tiers = "cuda"  # the model lives on a GPU: GPU memory is the fast tier
         self.tiers = open_tiers(tiers)
-        self.mover = Mover()
+        # device tiers (CUDA) enqueue copies on their own streams instead of mover threads
+        self.mover = Mover(device=self.tiers if hasattr(self.tiers, "submit") else None)
         self.trace: Trace | None = None
         self.plan: Plan | None = None
         self.schedule: Schedule | None = None
@@ -157,6 +161,9 @@ class Sentinel:
         phase = self._phase
         if phase == "warmup":
             yield
+            device = getattr(self.tiers, "device", None)
+            if device is not None:  # GPU work is asynchronous: time it to its end
+                torch.cuda.synchronize(device)
             self._plain_step_s = time.perf_counter() - start
             self._phase = "profile"
         elif phase == "profile":
@@ -215,7 +222,8 @@ class Sentinel:
         self._stats.profiles += 1
         self._events = events
         hw = self._calibrated(trace)
-        self._ctx = context(trace, hw, movable=_MOVABLE, stream_optimizer=False)
+        movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
+        self._ctx = context(trace, hw, movable=movable, stream_optimizer=False)
         if self.fast_memory == "min":
             self._budget = min_budget(self._ctx, self.policy)
         else:
@@ -354,9 +362,13 @@ class Sentinel:
         audit = self._audit_next
         self._audit_next = False
         tracer = None
+        device = getattr(self.tiers, "device", None)
         if audit:
             self.mover.drain()
             self.mover.synchronous = True
+            if device is not None:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
             tracer = Tracer(self.model, self.optimizer, track_saved=False)
             arena = self.tiers.arena()
             tracer.start()
@@ -390,8 +402,11 @@ class Sentinel:
             self.mover.synchronous = False
             self._audit_trace = tracer.stop()
             self._audit_trace_fresh = True
-            self._stats.audited_peak_fast_bytes = max(fast_bytes_curve(self._audit_trace),
-                                                      default=0)
+            measured = max(fast_bytes_curve(self._audit_trace), default=0)
+            if device is not None:  # on a GPU the allocator's own peak is the measure
+                torch.cuda.synchronize(device)
+                measured = max(measured, torch.cuda.max_memory_allocated(device))
+            self._stats.audited_peak_fast_bytes = measured
         self._stats.stall_s.append(self.mover.stall_s)
         self._stats.bytes_to_slow.append(self.mover.bytes_moved[Tier.SLOW])
         self._stats.bytes_to_fast.append(self.mover.bytes_moved[Tier.FAST])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from sentinel_hm.planning.model import Tier
 
@@ -22,7 +23,10 @@ def _done() -> Future[None]:
 
 
 class Mover:
-    def __init__(self) -> None:
+    def __init__(self, device: Any = None) -> None:
+        """``device``: tiers whose copies run on device streams (`CudaTiers`), submitted
+        from the compute thread; NOTE [CUDA copies]."""
+        self.device = device
         self._lanes = {
             Tier.SLOW: ThreadPoolExecutor(1, thread_name_prefix="sentinel-to-slow"),
             Tier.FAST: ThreadPoolExecutor(1, thread_name_prefix="sentinel-to-fast"),
@@ -37,6 +41,8 @@ class Mover:
         if self.synchronous:
             work()
             return _done()
+        if self.device is not None:
+            return self.device.submit(to, work)
         future = self._lanes[to].submit(work)
         if len(self._pending) > 256:  # forget finished copies (their errors were seen by waits)
             self._pending = [f for f in self._pending if not f.done()]
@@ -45,6 +51,9 @@ class Mover:
 
     def wait(self, future: Future[None] | None) -> None:
         """Block the compute thread until ``future`` is done, counting the wait as stall."""
+        if hasattr(future, "wait_on_device"):
+            future.wait_on_device()  # type: ignore[union-attr]
+            return
         if future is None or future.done():
             if future is not None:
                 future.result()  # surface a copy's exception

@@ -36,6 +36,13 @@ def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
+def _read_by(tiers: Tiers, t: torch.Tensor, to: Tier) -> None:
+    """Device memory a side-stream copy touches must outlive the copy (NOTE [CUDA copies])."""
+    read_by = getattr(tiers, "read_by", None)
+    if read_by is not None:
+        read_by(t, to)
+
+
 @dataclass(eq=False)
 class Handle:
     """What autograd keeps instead of a saved tensor: the entry and how to rebuild the view."""
@@ -113,6 +120,7 @@ class SavedEntry:
             self._drop_fast()
             return
         src = _bytes_of(self.storage)
+        _read_by(tiers, src, Tier.SLOW)
         witness = live[0] if live else None  # shares the storage's version counter
 
         def work() -> None:
@@ -131,18 +139,20 @@ class SavedEntry:
 
     def prefetch(self, mover: Mover, tiers: Tiers) -> None:
         pending = self.future
+        if self.storage is not None and pending is None:
+            return
+        fast = tiers.fast_empty(self.nbytes)  # allocated by the compute thread, on its stream
+        _read_by(tiers, fast, Tier.FAST)
 
         def work() -> None:
             if pending is not None:
                 pending.result()
             if self.storage is not None:
                 return
-            fast = tiers.fast_empty(self.nbytes)
             tiers.copy(fast, self.slot)
             self.storage = fast.untyped_storage()
 
-        if self.storage is None or pending is not None:
-            self.future = mover.submit(Tier.FAST, self.nbytes, work)
+        self.future = mover.submit(Tier.FAST, self.nbytes, work)
 
     def materialize(self, h: Handle, mover: Mover, tiers: Tiers) -> torch.Tensor:
         """The saved tensor for autograd (on the compute thread)."""
@@ -223,6 +233,7 @@ class HeldEntry:
         if current is None or self._in_slot(current) or not self._movable(current):
             return
         src = current.detach().reshape(-1).view(torch.uint8)
+        _read_by(tiers, src, Tier.SLOW)
         self._pending = (current, current._version,
                          self.slot.view(current.dtype).view(current.shape))
         self.future = mover.submit(Tier.SLOW, self.slot.numel(),
@@ -234,6 +245,7 @@ class HeldEntry:
         if current is None or not self._in_slot(current):
             return
         fast = tiers.fast_empty(self.slot.numel())
+        _read_by(tiers, fast, Tier.FAST)
         self._pending = (current, current._version,
                          fast.view(current.dtype).view(current.shape))
         self.future = mover.submit(Tier.FAST, self.slot.numel(),

@@ -7,15 +7,20 @@ from sentinel_hm.tiers.host import HostTiers
 from sentinel_hm.tiers.numa import NumaTiers
 from sentinel_hm.tiers.throttled import ThrottledTiers
 
-TIER_SPECS = ("auto", "host", "host:direct", "throttled:h2d=...,d2h=...", "numa:FAST,SLOW")
+TIER_SPECS = ("auto", "cuda", "host", "host:direct", "throttled:h2d=...,d2h=...",
+              "numa:FAST,SLOW")
 
 
 def open_tiers(spec: str) -> Tiers:
-    """``auto`` (the best available: host on this build; never NUMA, which needs the job
-    bound to the fast node), ``host``, ``host:direct``,
+    """``auto`` (host; `Sentinel` resolves ``auto`` to ``cuda`` for a model on a GPU; never
+    NUMA, which needs the job bound to the fast node), ``cuda``, ``host``, ``host:direct``,
     ``throttled:h2d=8GB/s,d2h=8GB/s[,latency=10us]``, or ``numa:0,1`` (fast node, slow node)."""
     if spec in ("auto", "host"):
         return HostTiers(Access.MIGRATE)
+    if spec == "cuda":
+        from sentinel_hm.tiers.cuda import CudaTiers
+
+        return CudaTiers()
     if spec == "host:direct":
         return HostTiers(Access.DIRECT)
     kind, _, options = spec.partition(":")

@@ -17,6 +17,7 @@ from sentinel_hm.planning.hardware import Access, Hardware
 class Tiers(Protocol):
     name: str
     access: Access
+    moves_gradients: bool  # whether ``param.grad`` may be swapped for a slow-tier tensor
 
     def reserve(self, nbytes: int) -> None:
         """Allocate (and pre-fault) a slow-tier arena of ``nbytes``."""

@@ -24,6 +24,7 @@ class HostTiers:
     def __init__(self, access: Access = Access.MIGRATE) -> None:
         self.name = f"host ({access.value} access)"
         self.access = access
+        self.moves_gradients = True  # param.grad may be swapped for an arena view
         self._arena: torch.Tensor | None = None
         self._measured: Hardware | None = None
 

@@ -23,8 +23,8 @@ Known limitations: storages created by other threads or outside any op (a
 DataLoader worker's batch, ``AccumulateGrad`` adopting a gradient buffer) are
 seen when first used; kernel scratch buffers are invisible; the gradient seed
 (``ones_like`` in ``loss.backward()``) runs before autograd's engine and is
-recorded in the forward phase; op times are host times (on CUDA they measure
-launches, not kernels).
+recorded in the forward phase; on CUDA each op is timed between two device
+synchronisations (kernel time; the profiled step runs slower).
 """
 
 from __future__ import annotations
@@ -172,6 +172,9 @@ class Tracer:
             self._enter_forward()
         self._t0 = 0.0
         self._wall_s = 0.0
+        # on CUDA an op's duration is taken around a synchronisation (kernel time, not launch
+        # time); asking whether CUDA is initialised does not initialise it
+        self._sync_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
 
     # -- session -------------------------------------------------------------------------------
 
@@ -445,8 +448,12 @@ class Tracer:
         index = len(self._ops)
         self._clock = index
         phase, layer = self._context()
+        if self._sync_cuda:  # device time, not launch time: a profile may be slower
+            torch.cuda.synchronize()
         start = time.perf_counter()
         out = func(*args, **kwargs)
+        if self._sync_cuda:
+            torch.cuda.synchronize()
         duration = time.perf_counter() - start
 
         reads: dict[int, None] = {}
