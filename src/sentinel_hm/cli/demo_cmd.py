@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train the reference GPT with and without Sentinel",
                        description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--size", default="small", choices=SIZES, help="GPT size (default small)")
-    p.add_argument("--steps", type=int, default=10, help="training steps per run (default 10)")
+    p.add_argument("--steps", type=int, default=12, help="training steps per run (default 12)")
     p.add_argument("--budget", default="20%", help="fast memory for Sentinel (default 20%%)")
     p.add_argument("--out-dir", type=Path, default=Path("sentinel-report"),
                    help="where to write the report (default sentinel-report)")
