@@ -16,24 +16,18 @@ offload-all stalls. Writes benchmarks/results/agreement_<size>_cpu<cores>_<date>
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import RESULTS, environment, with_tuned_malloc, write_results
+
 LINKS = ("16GB/s", "4GB/s", "1GB/s")
 BUDGETS = ("50%", "min")
 
 
 def main() -> int:
-    if os.environ.get("GLIBC_TUNABLES") != TUNABLES:
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  dict(os.environ, GLIBC_TUNABLES=TUNABLES))
+    with_tuned_malloc()
     import torch
 
     import sentinel_hm as sh
@@ -75,16 +69,8 @@ def main() -> int:
     median_error = statistics.median(abs(r["error"]) for r in rows)  # type: ignore[arg-type]
     stall_cases = [run("gpt", "60%", "1GB/s", policy) for policy in ("sentinel", "offload-all")]
 
-    now = dt.datetime.now(dt.UTC)
-    env = {"date": now.isoformat(timespec="seconds"), "cores": os.cpu_count(),
-           "threads": torch.get_num_threads(), "python": platform.python_version(),
-           "torch": torch.__version__, "sentinel_hm": sh.__version__, "steps": args.steps}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"agreement_{args.size}_cpu{os.cpu_count()}_{now:%Y-%m-%d}"
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"env": env, "rows": rows, "median_abs_error": median_error, "stall": stall_cases},
-        indent=1))
-    lines = [f"# Simulator vs runtime under throttled links, {now:%Y-%m-%d}", "",
+    env = environment(steps=args.steps)
+    lines = [f"# Simulator vs runtime under throttled links, {env['day']}", "",
              f"`python benchmarks/bench_agreement.py --size {args.size} --steps {args.steps}` on "
              f"{env['cores']} CPU cores ({env['threads']} torch threads), torch {env['torch']}. "
              "Measured: median of the steady steps of one run; predicted: the simulator on the "
@@ -106,8 +92,9 @@ def main() -> int:
     for r in stall_cases:
         lines.append(f"| {r['policy']} | {r['measured_step_s'] * 1e3:.0f} | "
                      f"{r['measured_stall_s'] * 1e3:.1f} | {r['predicted_stall_s'] * 1e3:.1f} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out_dir, f"agreement_{args.size}_cpu{env['cores']}_{env['day']}",
+                  {"env": env, "rows": rows, "median_abs_error": median_error,
+                   "stall": stall_cases}, lines)
     return 0
 
 

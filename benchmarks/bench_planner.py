@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import RESULTS, environment, with_tuned_malloc, write_results
+
 BUDGETS = "10%,20%,...,100%"
 
 
@@ -94,12 +91,8 @@ def cli(*argv: str) -> str:
 
 
 def main() -> int:
-    if os.environ.get("GLIBC_TUNABLES") != TUNABLES:
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  dict(os.environ, GLIBC_TUNABLES=TUNABLES))
+    with_tuned_malloc()
     import torch
-
-    import sentinel_hm as sh
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="small", help="size of the profiled GPT and CNN")
@@ -142,16 +135,8 @@ def main() -> int:
                        "vs_first_touch": None if s is None or ft is None else 1 - s / ft,
                        "vs_page_lru": None if s is None or lru is None else 1 - s / lru})
 
-    now = dt.datetime.now(dt.UTC)
-    env = {"date": now.isoformat(timespec="seconds"), "cores": os.cpu_count(),
-           "python": platform.python_version(), "torch": torch.__version__,
-           "sentinel_hm": sh.__version__, "size": args.size, "repeats": args.repeats}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"planner_{now:%Y-%m-%d}"
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"env": env, "speed": speed_row, "checks": checks,
-         "tables": {k: v["data"] for k, v in tables.items()}}, indent=1))
-    lines = [f"# Planner and simulator, {now:%Y-%m-%d}", "",
+    env = environment(size=args.size, repeats=args.repeats)
+    lines = [f"# Planner and simulator, {env['day']}", "",
              f"`python benchmarks/bench_planner.py --size {args.size}` on {env['cores']} CPU "
              f"cores, torch {env['torch']}, Python {env['python']}. Traces profiled here; "
              "slowdowns are the simulator's predictions on the named hardware model.", "",
@@ -180,8 +165,9 @@ def main() -> int:
     for key, v in tables.items():
         lines += ["", f"## {key}: slowdown over all-fast", "", "```", str(v["table"]), "```", "",
                   "`sentinel plan --budget 20%`:", "", "```", str(v["sentinel_at_20"]), "```"]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out_dir, f"planner_{env['day']}",
+                  {"env": env, "speed": speed_row, "checks": checks,
+                   "tables": {k: v["data"] for k, v in tables.items()}}, lines)
     return 0
 
 

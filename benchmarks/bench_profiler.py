@@ -11,24 +11,19 @@ Writes benchmarks/results/profiler_<size>_cpu<cores>_<date>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import RESULTS, TUNABLES, environment, with_tuned_malloc, write_results
+
 TARGET = {"gpt": 1.25, "cnn": 1.25}
 
 
 def main() -> int:
-    if os.environ.get("GLIBC_TUNABLES") != TUNABLES:  # malloc settings apply at process start
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  dict(os.environ, GLIBC_TUNABLES=TUNABLES))
+    with_tuned_malloc()
     import torch
 
     import sentinel_hm as sh
@@ -80,24 +75,10 @@ def main() -> int:
               f"{row['profiled_median_s'] * 1e3:.1f} ms, ratio {row['ratio']:.3f}",
               file=sys.stderr)
 
-    now = dt.datetime.now(dt.UTC)
-    env = {
-        "date": now.isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "threads": args.threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "sentinel_hm": sh.__version__,
-        "glibc_tunables": TUNABLES,
-        "repeats": args.repeats,
-    }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"profiler_{args.size}_cpu{os.cpu_count()}_{now:%Y-%m-%d}"
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    env = environment(host=platform.node(), cpu=platform.processor() or platform.machine(),
+                      glibc_tunables=TUNABLES, repeats=args.repeats)
     lines = [
-        f"# Profiler overhead, {now:%Y-%m-%d}",
+        f"# Profiler overhead, {env['day']}",
         "",
         f"`python benchmarks/bench_profiler.py --size {args.size} --repeats {args.repeats}` on "
         f"{env['cores']} CPU cores ({env['threads']} torch threads), torch {env['torch']}, "
@@ -121,8 +102,8 @@ def main() -> int:
         "allocator-level peak for one step; below 1 means kernel scratch buffers the trace cannot "
         "see (oneDNN convolution and RNN workspaces).",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out_dir, f"profiler_{args.size}_cpu{env['cores']}_{env['day']}",
+                  {"env": env, "rows": rows}, lines)
     return 0
 
 

@@ -14,24 +14,18 @@ benchmarks/results/runtime_<size>_cpu<cores>_<date>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import RESULTS, environment, with_tuned_malloc, write_results
+
 TARGET = {"gpt": 1.03, "cnn": 1.03}
 
 
 def main() -> int:
-    if os.environ.get("GLIBC_TUNABLES") != TUNABLES:
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  dict(os.environ, GLIBC_TUNABLES=TUNABLES))
+    with_tuned_malloc()
     import torch
 
     import sentinel_hm as sh
@@ -93,15 +87,9 @@ def main() -> int:
                          "target": TARGET.get(name) if budget == "100%" else None})
             print(f"{name} {budget}: x{ratio:.3f}", file=sys.stderr)
 
-    now = dt.datetime.now(dt.UTC)
-    env = {"date": now.isoformat(timespec="seconds"), "cores": os.cpu_count(),
-           "threads": torch.get_num_threads(), "python": platform.python_version(),
-           "torch": torch.__version__, "sentinel_hm": sh.__version__, "steps": args.steps}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"runtime_{args.size}_cpu{os.cpu_count()}_{now:%Y-%m-%d}"
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    env = environment(steps=args.steps)
     mib = 2**20
-    lines = [f"# Runtime on host tiers, {now:%Y-%m-%d}", "",
+    lines = [f"# Runtime on host tiers, {env['day']}", "",
              f"`python benchmarks/bench_runtime.py --size {args.size} --steps {args.steps}` on "
              f"{env['cores']} CPU cores ({env['threads']} torch threads), torch {env['torch']}. "
              "Medians of steady steps; plain and Sentinel steps alternate in the same process.", "",
@@ -122,8 +110,8 @@ def main() -> int:
     lines += ["", "On this machine the host tiers' copies are memcpy on the same two cores as "
               "compute: they cannot hide behind it (PITFALLS.md), so the 20% rows show what "
               "moving the bytes costs here, not what a GPU's copy engines would."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out_dir, f"runtime_{args.size}_cpu{env['cores']}_{env['day']}",
+                  {"env": env, "rows": rows}, lines)
     return 0
 
 

@@ -15,10 +15,10 @@ the plan is made again for a budget lowered by the excess, and measured again,
 up to ``MAX_REPLANS`` times; after that the step raises `SentinelError`. With
 ``fast_memory="min"`` the budget is the measured peak of the smallest plan.
 
-Known limitations: parameters stay in fast memory (the plan moves saved
-activations, gradients and optimizer state); optimizer state and gradients
-come back as a whole before ``optimizer.step()``, not per parameter; the host
-tiers' copies share the CPU with compute.
+Known limitations: parameters move only under direct access (ops read them in
+the slow tier); optimizer state and gradients come back as a whole before
+``optimizer.step()``, not per parameter; the host tiers' copies share the CPU
+with compute.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import dataclasses
 import statistics
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Hardware
+from sentinel_hm.planning.hardware import Access, Hardware
 from sentinel_hm.planning.model import Plan, Tier
 from sentinel_hm.planning.planner import context, make_plan, min_budget
 from sentinel_hm.planning.policies.sentinel import parse_interval_label
@@ -137,6 +138,9 @@ class Sentinel:
         self.schedule: Schedule | None = None
         self.prediction: SimResult | None = None
         self._held: dict[int, HeldEntry] = {}
+        # storages of parameters and buffers: address -> the storage (weakly: an address is
+        # reused once a storage dies)
+        self._never_copied: dict[int, weakref.ref[torch.UntypedStorage]] = {}
         # A plain warm-up step: the optimizer creates its state (the profiled step must look
         # like the steady ones), and its wall time calibrates the per-op overhead.
         self._phase = "warmup"
@@ -223,6 +227,8 @@ class Sentinel:
         self._events = events
         hw = self._calibrated(trace)
         movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
+        if self.tiers.access is Access.DIRECT:  # ops can read parameters in the slow tier
+            movable = movable | {Kind.PARAMETER}
         self._ctx = context(trace, hw, movable=movable, stream_optimizer=False)
         if self.fast_memory == "min":
             self._budget = min_budget(self._ctx, self.policy)
@@ -343,10 +349,20 @@ class Sentinel:
             param = named[name]
             self._held[sid] = HeldEntry(sid, partial(getattr, param, "grad"),
                                         partial(setattr, param, "grad"), self._slot(sid))
+        for sid, name in schedule.params.items():  # direct access: ops read them in place
+            param = named[name]
+            self._held[sid] = HeldEntry(sid, partial(_same, param),
+                                        partial(self._swap_param, param), self._slot(sid))
         for sid in schedule.start_slow & set(self._held):
             self._held[sid].evict(self.mover, self.tiers)
             self._held[sid].commit(self.mover)
         self.mover.drain()
+
+    def _swap_param(self, param: torch.Tensor, data: torch.Tensor) -> None:
+        """Move a parameter (direct access): its new storage is still a parameter's, which
+        saved-tensor hooks must recognise and never copy."""
+        param.data = data
+        _remember(self._never_copied, data)
 
     def _slot(self, sid: int) -> torch.Tensor:
         assert self.schedule is not None and self.trace is not None
@@ -355,8 +371,13 @@ class Sentinel:
     def _steady_step(self) -> Iterator[None]:
         assert self.schedule is not None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        never_copied = {t.untyped_storage()._cdata
-                        for t in (*self.model.parameters(), *self.model.buffers(), *params)}
+        never_copied = self._never_copied
+        never_copied.clear()
+        for t in (*self.model.parameters(), *self.model.buffers(), *params):
+            _remember(never_copied, t)
+        arena = self.tiers.arena()
+        if arena is not None:  # parameters (direct access) may live there
+            _remember(never_copied, arena)
         run = SteadyStep(self.schedule, self.tiers, self.mover, self._held, never_copied)
         self.mover.reset_counters()
         audit = self._audit_next
@@ -431,6 +452,16 @@ class Sentinel:
             for entry in held.values():
                 entry.restore(self.mover, self.tiers)
             self.mover.drain()
+
+
+def _remember(table: dict[int, weakref.ref[torch.UntypedStorage]], t: torch.Tensor) -> None:
+    storage = t.untyped_storage()
+    table[storage._cdata] = weakref.ref(storage)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    """The parameter itself: its identity and version survive ``.data`` swaps."""
+    return t
 
 
 def fast_bytes_curve(trace: Trace) -> tuple[int, ...]:

@@ -50,6 +50,7 @@ class Schedule:
     managed_saved: frozenset[int]
     states: dict[int, tuple[int, str]]  # trace storage -> (parameter index, state key)
     grads: dict[int, str]  # trace storage -> parameter name
+    params: dict[int, str]  # trace storage -> parameter name (direct access only)
     moves: tuple[Move, ...]
     start_slow: frozenset[int]  # managed storages in the slow tier at start or creation
     slots: dict[int, int]  # trace storage -> byte offset in the slow arena
@@ -80,7 +81,9 @@ class Schedule:
             if storages[sid].kind is Kind.GRADIENT
             and (name := storages[sid].name or "").endswith(".grad")
         }
-        runnable = saved | frozenset(states) | frozenset(grads)
+        params = {sid: storages[sid].name or "" for sid in managed
+                  if storages[sid].kind is Kind.PARAMETER and storages[sid].name}
+        runnable = saved | frozenset(states) | frozenset(grads) | frozenset(params)
         slots: dict[int, int] = {}
         offset = 0
         for sid in sorted(runnable):
@@ -97,6 +100,7 @@ class Schedule:
             managed_saved=saved,
             states=states,
             grads=grads,
+            params=params,
             moves=tuple(m for m in plan.moves if m.storage in runnable),
             start_slow=frozenset(s for s, fast in plan.placement.items()
                                  if s in runnable and fast == 0),

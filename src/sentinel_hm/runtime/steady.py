@@ -49,7 +49,7 @@ class SteadyStep:
         tiers: Tiers,
         mover: Mover,
         held: dict[int, HeldEntry],
-        never_copied: set[int],
+        never_copied: dict[int, weakref.ref[torch.UntypedStorage]],
     ) -> None:
         self.schedule = schedule
         self.tiers = tiers
@@ -117,7 +117,8 @@ class SteadyStep:
             return t  # sparse, nested, subclasses: not managed (the tracer skips them too)
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self.never_copied:
+        known = self.never_copied.get(key)
+        if known is not None and known() is storage:
             return t
         seen = self.seen.get(key)
         if seen is not None and seen[0]() is storage:

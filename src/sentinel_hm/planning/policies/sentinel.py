@@ -47,7 +47,7 @@ from sentinel_hm.planning.policies._common import (
     interval_of,
     register,
 )
-from sentinel_hm.trace.model import StorageRecord
+from sentinel_hm.trace.model import Kind, StorageRecord
 from sentinel_hm.units import format_bytes
 
 # (layers per interval, intervals per layer): quarter and half layers, then runs of layers
@@ -69,10 +69,13 @@ def _gaps(ctx: Context, s: StorageRecord, starts: tuple[int, ...]) -> list[_Gap]
     n_iv = len(starts)
     _, end = ctx.live_range(s)
     used = sorted({interval_of(starts, op) for op in ctx.uses[s.id]})
+    # A parameter that autograd saves (weight.t() for the input's gradient) stays referenced
+    # by the graph from forward to backward: moving it in between would free nothing.
+    pinned_by_graph = s.kind is Kind.PARAMETER and s.saved
     out = [
         _Gap(s.id, s.nbytes, u1 + 1, u2 - 1, ((u1 + 1, u2 - 2),), False)
         for u1, u2 in itertools.pairwise(used)
-        if u2 - u1 >= 3
+        if u2 - u1 >= 3 and not pinned_by_graph
     ]
     if s.freed_at is None and s.created_at is None:
         if used[0] >= 2:
@@ -141,19 +144,20 @@ def plan_intervals(
                     occ[x] -= gap.nbytes
             # the part of this gap already behind us freed intervals we no longer check
     placement: dict[int, int] = {}
+    cold_moves: list[Move] = []  # read in place from the interval after their creation
     info: dict[str, object] = {
         "layers_per_interval": k if splits == 1 else 1 / splits,
         "intervals": n_iv,
     }
     if max(occ, default=0) > target and ctx.hardware.access is Access.DIRECT:
-        _place_cold_in_slow(ctx, starts, occ, target, taken, placement)
+        _place_cold_in_slow(ctx, starts, occ, target, taken, placement, cold_moves)
         # what stays in slow memory and is read there: where the plan pays in compute time
         in_place: dict[str, int] = {}
-        for sid in placement:
+        for sid in [*placement, *(m.storage for m in cold_moves)]:
             s = ctx.trace.storages[sid]
             in_place[s.kind.value] = in_place.get(s.kind.value, 0) + s.nbytes
         info["read_in_place_bytes"] = in_place
-    moves: list[Move] = []
+    moves: list[Move] = list(cold_moves)
     n_ops = len(ctx.trace.ops)
     for sid, gaps in taken.items():
         for gap in gaps:
@@ -174,6 +178,7 @@ def _place_cold_in_slow(
     target: int,
     taken: dict[int, list[_Gap]],
     placement: dict[int, int],
+    evictions: list[Move],
 ) -> None:
     """Direct access: keep candidates in slow memory for their whole life, read in place.
 
@@ -196,13 +201,21 @@ def _place_cold_in_slow(
             return
         lo, hi = spans[s.id]
         covered = {x for gap in taken.get(s.id, ()) for a, b in gap.covers for x in range(a, b + 1)}
-        if not any(lo <= j <= hi and j not in covered for j in over):
+        # A runtime cannot make an op write its output into the slow tier: what the step
+        # creates is born fast and leaves at the next interval (an OS could place it at once).
+        born_fast = ctx.movable is not None and s.created_at is not None
+        first = lo + 1 if born_fast else lo
+        if not any(first <= j <= hi and j not in covered for j in over):
             continue
-        for x in range(lo, hi + 1):
+        for x in range(first, hi + 1):
             if x not in covered:
                 occ[x] -= s.nbytes
         taken.pop(s.id, None)
-        placement[s.id] = 0
+        if born_fast:
+            if first <= hi:
+                evictions.append(Move(s.id, Tier.SLOW, starts[first], s.nbytes))
+        else:
+            placement[s.id] = 0
 
 
 @register("sentinel")

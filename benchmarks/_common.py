@@ -1,0 +1,44 @@
+"""What the benchmark programs share: tuned malloc, the environment record, result files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def with_tuned_malloc() -> None:
+    """Re-run this program with glibc's malloc tuned (PITFALLS.md): it applies at start-up."""
+    if os.environ.get("GLIBC_TUNABLES") != TUNABLES:
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  dict(os.environ, GLIBC_TUNABLES=TUNABLES))
+
+
+def environment(**extra: Any) -> dict[str, Any]:
+    """Date, machine and versions, for the result files."""
+    import torch
+
+    import sentinel_hm
+
+    now = dt.datetime.now(dt.UTC)
+    return {"date": now.isoformat(timespec="seconds"), "day": f"{now:%Y-%m-%d}",
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "sentinel_hm": sentinel_hm.__version__, **extra}
+
+
+def write_results(out_dir: Path, stem: str, data: dict[str, Any], lines: list[str]) -> Path:
+    """``<stem>.json`` (data) and ``<stem>.md`` (lines) in ``out_dir``; prints the lines."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / stem
+    path.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return path
