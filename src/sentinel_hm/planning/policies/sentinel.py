@@ -69,9 +69,11 @@ def _gaps(ctx: Context, s: StorageRecord, starts: tuple[int, ...]) -> list[_Gap]
     n_iv = len(starts)
     _, end = ctx.live_range(s)
     used = sorted({interval_of(starts, op) for op in ctx.uses[s.id]})
-    # A parameter that autograd saves (weight.t() for the input's gradient) stays referenced
-    # by the graph from forward to backward: moving it in between would free nothing.
-    pinned_by_graph = s.kind is Kind.PARAMETER and s.saved
+    # A runtime moves a tensor by copying it and swapping references; a parameter autograd
+    # saved (weight.t() for the input's gradient) stays referenced by the graph from forward
+    # to backward, so moving it in between would free nothing. (Page migration, which the
+    # plain planner models, frees the pages whatever references them.)
+    pinned_by_graph = ctx.movable is not None and s.kind is Kind.PARAMETER and s.saved
     out = [
         _Gap(s.id, s.nbytes, u1 + 1, u2 - 1, ((u1 + 1, u2 - 2),), False)
         for u1, u2 in itertools.pairwise(used)
