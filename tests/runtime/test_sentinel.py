@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
@@ -34,7 +35,7 @@ def train(name: str, fast_memory: str | None, accumulate: int = 1, autocast: boo
     for i in range(STEPS):
         if sentinel is not None and i == STEPS - 1:
             sentinel.audit()
-        step = sentinel.step() if sentinel is not None else _nothing()
+        step = sentinel.step() if sentinel is not None else contextlib.nullcontext()
         with step:
             for _ in range(accumulate):
                 batch = wl.make_batch()
@@ -47,14 +48,6 @@ def train(name: str, fast_memory: str | None, accumulate: int = 1, autocast: boo
             wl.optimizer.zero_grad()
     params = [p.detach().clone() for p in wl.model.parameters()] + grads
     return losses, params, sentinel
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
@@ -232,7 +225,7 @@ def test_add_layer_marks_under_sentinel():
         g = torch.Generator().manual_seed(0)
         for _ in range(STEPS):
             x, y = torch.randn(512, 64, generator=g), torch.randn(512, 64, generator=g)
-            with sentinel.step() if sentinel else _nothing():
+            with sentinel.step() if sentinel else contextlib.nullcontext():
                 model(x, y).backward()
                 opt.step()
                 opt.zero_grad()

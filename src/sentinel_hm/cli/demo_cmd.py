@@ -11,6 +11,7 @@ Sentinel, the Chrome trace of an audited steady step, the trace and the plan).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -62,7 +63,7 @@ def _train(args: argparse.Namespace, sentinel_budget: str | None) -> _Run:
         _progress(f"{label}: step {i + 1}/{args.steps}")
         start = time.perf_counter()
         try:
-            with sentinel.step() if sentinel else _Plain():
+            with sentinel.step() if sentinel else contextlib.nullcontext():
                 losses.append(wl.step())
         except SentinelError as e:  # refused at plan time: the step itself trained normally
             assert sentinel is not None
@@ -72,14 +73,6 @@ def _train(args: argparse.Namespace, sentinel_budget: str | None) -> _Run:
     _progress(f"{label}: {args.steps} steps done", done=True)
     return _Run(losses, [p.detach().clone() for p in wl.model.parameters()], sentinel,
                 refused, times)
-
-
-class _Plain:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def run(args: argparse.Namespace) -> int:
