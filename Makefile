@@ -23,12 +23,12 @@ demo: $(VENV)/.installed-plot
 	$(VENV)/bin/sentinel demo
 
 test: $(VENV)/.installed-dev,plot
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/mypy
 
 clean:
