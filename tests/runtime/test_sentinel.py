@@ -133,7 +133,6 @@ def test_exception_inside_a_step_leaves_the_model_usable():
 
 def test_a_saved_tensor_modified_in_place_is_an_error():
     torch.manual_seed(0)
-    w = torch.randn(64, 64, requires_grad=True)
 
     class Model(torch.nn.Module):
         def __init__(self) -> None:
@@ -160,7 +159,6 @@ def test_a_saved_tensor_modified_in_place_is_an_error():
     model.modify = True
     with pytest.raises((sh.SentinelError, RuntimeError), match="modified"), sentinel.step():
         model(x).backward()
-    del w
 
 
 def test_a_step_unlike_the_profile_runs_safely_and_reprofiles():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sentinel_hm.cli.profile_cmd import _progress
+from sentinel_hm.cli.progress import progress
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.io import save_plan
 from sentinel_hm.report.tables import format_table
@@ -60,7 +60,7 @@ def _train(args: argparse.Namespace, sentinel_budget: str | None) -> _Run:
     times: list[float] = []
     refused = None
     for i in range(args.steps):
-        _progress(f"{label}: step {i + 1}/{args.steps}")
+        progress(f"{label}: step {i + 1}/{args.steps}")
         start = time.perf_counter()
         try:
             with sentinel.step() if sentinel else contextlib.nullcontext():
@@ -70,7 +70,7 @@ def _train(args: argparse.Namespace, sentinel_budget: str | None) -> _Run:
             refused = str(e)
             sentinel.fast_memory = "min"
         times.append(time.perf_counter() - start)
-    _progress(f"{label}: {args.steps} steps done", done=True)
+    progress(f"{label}: {args.steps} steps done", done=True)
     return _Run(losses, [p.detach().clone() for p in wl.model.parameters()], sentinel,
                 refused, times)
 

@@ -19,7 +19,7 @@ from sentinel_hm.cli.plan_cmd import (
     format_ms,
     load_setup,
 )
-from sentinel_hm.cli.profile_cmd import _progress
+from sentinel_hm.cli.progress import progress
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.planner import min_budget
 from sentinel_hm.planning.policies import POLICIES
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"min-budget: policy {policy} on {hw.name}, at most x{target:.4g} the all-fast step "
           f"({format_ms(setup.all_fast.step_s)} simulated); all-fast peak {format_bytes(peak)}")
 
-    _progress(f"min-budget: smallest budget {policy} can honour")
+    progress(f"min-budget: smallest budget {policy} can honour")
     lo = min_budget(setup.ctx, policy)  # SentinelError (exit 2) if it never fits
     hi = max(lo, peak)  # some policies need headroom above the peak
     probes = 0
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     def meets(budget: int) -> tuple[bool, float | None]:
         nonlocal probes
         probes += 1
-        _progress(f"min-budget: probe {probes}, budget {format_bytes(budget)}")
+        progress(f"min-budget: probe {probes}, budget {format_bytes(budget)}")
         s = _slowdown(setup, budget, policy)
         return s is not None and s <= target * (1 + 1e-12), s
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if not ok:
         ok, slowdown = meets(hi)
         if not ok:
-            _progress(f"min-budget: {probes} probe{'s' if probes > 1 else ''}", done=True)
+            progress(f"min-budget: {probes} probe{'s' if probes > 1 else ''}", done=True)
             shown = "refused" if slowdown is None else f"x{slowdown:.3f}"
             print(f"not reached: at {setup.budget_text(hi)} policy {policy} is {shown}, over "
                   f"x{target:.4g}; allow more slowdown or try --policy sentinel")
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 lo = mid
         lo = hi
-    _progress(f"min-budget: {probes} probe{'s' if probes > 1 else ''}", done=True)
+    progress(f"min-budget: {probes} probe{'s' if probes > 1 else ''}", done=True)
     assert slowdown is not None
     print(f"budget: {setup.budget_text(lo)}, slowdown x{slowdown:.3f} "
           f"(resolution {format_bytes(max(1, math.floor(peak * RESOLUTION)))})")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from sentinel_hm.cli.progress import progress
 from sentinel_hm.report import summarize
 from sentinel_hm.trace import Trace, profile, save_chrome_trace, save_trace
 from sentinel_hm.workloads import SIZES, WORKLOADS, Workload, load_factory, make_workload
@@ -51,25 +52,17 @@ def build_workload(args: argparse.Namespace) -> Workload:
     return make_workload(args.workload, size=args.size, seed=args.seed)
 
 
-def _progress(message: str, done: bool = False) -> None:
-    """One updating status line on a terminal; plain lines in a log."""
-    if sys.stderr.isatty():
-        print(f"\r\033[K{message}", end="\n" if done else "", file=sys.stderr, flush=True)
-    elif done:
-        print(message, file=sys.stderr, flush=True)
-
-
 def profile_workload(workload: Workload, warmup: int, label: str) -> Trace:
     """Warm up (timing the plain steps), profile one step, and record both times."""
     plain_s = []
     for i in range(warmup):
-        _progress(f"{label}: warm-up step {i + 1}/{warmup}")
+        progress(f"{label}: warm-up step {i + 1}/{warmup}")
         start = time.perf_counter()
         workload.step()
         plain_s.append(time.perf_counter() - start)
-    _progress(f"{label}: profiling one step")
+    progress(f"{label}: profiling one step")
     trace = profile(workload.step, model=workload.model, optimizer=workload.optimizer)
-    _progress(f"{label}: profiled one step, {len(trace.ops)} ops", done=True)
+    progress(f"{label}: profiled one step, {len(trace.ops)} ops", done=True)
     meta = dict(trace.meta, workload=label)
     if len(plain_s) > 1:  # the first warm-up step pays one-off costs (allocator, lazy state)
         meta["plain_step_s"] = statistics.median(plain_s[1:])

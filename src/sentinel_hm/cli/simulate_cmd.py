@@ -23,7 +23,7 @@ from sentinel_hm.cli.plan_cmd import (
     load_setup,
     write_or_fail,
 )
-from sentinel_hm.cli.profile_cmd import _progress
+from sentinel_hm.cli.progress import progress
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.hardware import Access
 from sentinel_hm.planning.policies import DIRECT_ONLY, POLICIES
@@ -181,11 +181,11 @@ def run(args: argparse.Namespace) -> int:
         row: dict[str, Any] = {}
         for j, policy in enumerate(policies):
             k = i * len(policies) + j + 1
-            _progress(f"simulate: cell {k}/{total} (budget {labels[i][0]}, {policy})")
+            progress(f"simulate: cell {k}/{total} (budget {labels[i][0]}, {policy})")
             cells[i, policy], row[policy] = _cell(setup, budget, policy)
         records.append({"budget": items[i], "budget_bytes": budget,
                         "budget_share": budget / setup.peak, "cells": row})
-    _progress(f"simulate: {total} cells in {time.perf_counter() - started:.1f} s", done=True)
+    progress(f"simulate: {total} cells in {time.perf_counter() - started:.1f} s", done=True)
 
     hw = setup.ctx.hardware
     print(f"slowdown over all-fast on {hw.name} (simulated step / all-fast step "

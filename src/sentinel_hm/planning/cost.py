@@ -65,10 +65,6 @@ class CostModel:
             return base
         return max(base, memory + hw.op_overhead_s)
 
-    def slow_penalty_per_byte(self) -> float:
-        """Extra seconds per byte read in place from slow instead of fast memory."""
-        hw = self.hardware
-        return 1 / hw.slow.read_bytes_per_s - 1 / hw.fast.read_bytes_per_s
 
 
 def _shares(

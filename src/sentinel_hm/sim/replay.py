@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.cost import CostModel
 from sentinel_hm.planning.hardware import Access, Hardware
 from sentinel_hm.planning.model import Move, Plan, Tier
@@ -62,8 +63,6 @@ class SimResult:
 
 
 def _with_step_time(result: SimResult, step_s: float) -> SimResult:
-    from dataclasses import replace
-
     return replace(result, step_s=step_s)
 
 
@@ -90,8 +89,6 @@ class _Replay:
         self, trace: Trace, plan: Plan, hw: Hardware, cost: CostModel, timeline: bool
     ) -> None:
         if plan.n_ops != len(trace.ops) or plan.n_storages != len(trace.storages):
-            from sentinel_hm.errors import SentinelError
-
             raise SentinelError(
                 f"plan was made for a trace with {plan.n_ops} ops and {plan.n_storages} "
                 f"storages, this trace has {len(trace.ops)} and {len(trace.storages)}: "

@@ -77,10 +77,6 @@ class Context:
         ops = [op.index for op in self.trace.ops if op.phase is Phase.OPTIMIZER]
         return (ops[0], ops[-1]) if ops else None
 
-    @cached_property
-    def first_backward_op(self) -> int | None:
-        return next((op.index for op in self.trace.ops if op.phase is Phase.BACKWARD), None)
-
     def interval_starts(self, layers_per_interval: int, splits_per_layer: int = 1) -> tuple[int, ...]:
         """First op of each interval: runs of ``layers_per_interval`` layer instances.
 
