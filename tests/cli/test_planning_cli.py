@@ -16,6 +16,7 @@ from sentinel_hm.cli.main import main
 from sentinel_hm.cli.min_budget_cmd import parse_share
 from sentinel_hm.cli.simulate_cmd import expand_budgets
 from sentinel_hm.errors import SentinelError
+from sentinel_hm.planning.planner import context, min_budget
 from sentinel_hm.planning.policies import POLICIES
 from sentinel_hm.units import format_bytes
 from sentinel_hm.workloads import make_workload
@@ -80,6 +81,35 @@ def test_plan_with_a_baseline_policy_and_gzip(trace_path, tmp_path, capsys):
                  "--policy", "first-touch", "--out", str(out)]) == 0
     assert sentinel_hm.load_plan(out).policy == "first-touch"
     assert "policy first-touch on dram-optane" in capsys.readouterr().out
+
+
+def test_plan_says_where_the_plan_peaks_and_refusals_where_the_smallest_does(trace_path,
+                                                                            tmp_path, capsys):
+    trace = sentinel_hm.load_trace(trace_path)
+
+    def where(op: int) -> str:
+        record = trace.ops[op]
+        layer = "no layer" if record.layer is None else f"layer {trace.layers[record.layer].name}"
+        return f"op {op} ({record.name}, {record.phase.value}, {layer}): "
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(trace_path), "--hardware", "h100-sxm", "--budget", "60%",
+                 "--out", str(out)]) == 0
+    result = sentinel_hm.simulate(trace, sentinel_hm.load_plan(out), "h100-sxm")
+    peak_op = result.fast_bytes.index(result.peak_fast_bytes)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("peak: "))
+    assert line.startswith(f"peak: {where(peak_op)}{format_bytes(result.peak_fast_bytes)} fast = ")
+    assert " is activations: " in line or " is model state: " in line
+
+    assert main(["plan", str(trace_path), "--hardware", "h100-sxm", "--budget", "1KiB",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    need = min_budget(context(trace, "h100-sxm"), "sentinel")
+    smallest = sentinel_hm.simulate(trace, sentinel_hm.plan(trace, "h100-sxm", need), "h100-sxm")
+    op = smallest.fast_bytes.index(smallest.peak_fast_bytes)
+    peak = format_bytes(smallest.peak_fast_bytes)
+    assert f"the smallest plan peaks at {where(op)}{peak} fast = " in err[0]
 
 
 # --- simulate -----------------------------------------------------------------------------

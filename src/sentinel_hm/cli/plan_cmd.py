@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sentinel_hm.errors import SentinelError
+from sentinel_hm.planning.explain import explain_peak
 from sentinel_hm.planning.io import save_plan
 from sentinel_hm.planning.model import Plan, Tier
 from sentinel_hm.planning.planner import context, make_plan
@@ -119,8 +120,10 @@ def _info_value(key: str, value: object) -> str:
 
 
 def summarize_plan(setup: Setup, plan: Plan, result: SimResult) -> str:
-    """The lines ``sentinel plan`` prints: what was planned and what it costs in replay."""
+    """The lines ``sentinel plan`` prints: what was planned, what it costs in replay, and
+    where it peaks (a refusal's error explains the smallest plan's peak the same way)."""
     hw = setup.ctx.hardware
+    peak = explain_peak(setup.ctx, plan, result)
     to_fast = [m for m in plan.moves if m.to is Tier.FAST]
     lines = [
         f"plan: policy {plan.policy} on {hw.name}, budget {setup.budget_text(plan.budget_bytes)}"
@@ -135,6 +138,7 @@ def summarize_plan(setup: Setup, plan: Plan, result: SimResult) -> str:
         f"{format_bytes(result.bytes_to_slow)} to slow; peak fast "
         f"{format_bytes(result.peak_fast_bytes)} ({result.peak_fast_bytes / plan.budget_bytes:.0%}"
         " of the budget)",
+        f"peak: {peak.summary()}; {peak.hint}",
     ]
     lines += [f"{key}: {_info_value(key, value)}" for key, value in plan.info.items()]
     return "\n".join(lines)

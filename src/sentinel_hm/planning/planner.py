@@ -1,9 +1,13 @@
-"""`make_plan` and `min_budget`: run a policy, check its plan in simulation, explain refusals."""
+"""`make_plan` and `min_budget`: run a policy, check its plan in simulation, explain refusals
+(`explain_min_budget`: what sets the smallest budget)."""
 
 from __future__ import annotations
 
+import weakref
+
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.cost import CostModel
+from sentinel_hm.planning.explain import PeakExplanation, explain_peak
 from sentinel_hm.planning.hardware import Access, Hardware
 from sentinel_hm.planning.model import Plan
 from sentinel_hm.planning.policies import DIRECT_ONLY, POLICIES, REGISTRY, Context, Infeasible
@@ -13,6 +17,10 @@ from sentinel_hm.trace.model import Kind, Trace
 from sentinel_hm.units import format_bytes, parse_budget
 
 _MIN_BUDGET_RESOLUTION = 1 / 256  # bisection stops within this share of the all-fast peak
+
+# explain_min_budget's answers by (id(ctx), policy, budget): a sweep meets the same refusal
+# many times. A Context is unhashable, so it is keyed by id and dropped when it dies.
+_FLOORS: dict[tuple[int, str, int], PeakExplanation] = {}
 
 
 def context(
@@ -75,6 +83,28 @@ def min_budget(ctx: Context, policy: str) -> int:
     return hi
 
 
+def explain_min_budget(ctx: Context, policy: str) -> PeakExplanation:
+    """Where the policy's plan at `min_budget` peaks and what is live there: what sets the
+    floor, so what would lower it (see `PeakExplanation.hint`)."""
+    need = min_budget(ctx, policy)
+    key = (id(ctx), policy, need)
+    if key in _FLOORS:
+        return _FLOORS[key]
+    found = _try(ctx, need, policy)
+    if found is None:  # min_budget saw this budget honoured; policies are deterministic
+        raise SentinelError(f"policy {policy} no longer honours its minimum budget "
+                            f"{format_bytes(need)}: this is a bug, please report it")
+    if not any(k[0] == key[0] for k in _FLOORS):
+        weakref.finalize(ctx, _forget, key[0])
+    _FLOORS[key] = explain_peak(ctx, *found)
+    return _FLOORS[key]
+
+
+def _forget(ctx_id: int) -> None:
+    for key in [k for k in _FLOORS if k[0] == ctx_id]:
+        del _FLOORS[key]
+
+
 def make_plan(
     trace: Trace,
     hardware: Hardware | str,
@@ -86,7 +116,8 @@ def make_plan(
     """Plan ``trace`` on ``hardware`` within ``budget`` (bytes, "4GiB", or "20%" of the peak).
 
     Raises `SentinelError` naming the smallest budget the policy can honour
-    when it cannot honour this one.
+    when it cannot honour this one, and where that smallest plan peaks and what
+    is live there (`explain_min_budget`).
     """
     ctx = ctx or context(trace, hardware)
     check_policy(policy, ctx.hardware)
@@ -94,11 +125,13 @@ def make_plan(
     found = _try(ctx, budget_bytes, policy)
     if found is None:
         need = min_budget(ctx, policy)
+        floor = explain_min_budget(ctx, policy)
         raise SentinelError(
             f"policy {policy} cannot honour a budget of {format_bytes(budget_bytes)} "
             f"({budget_bytes / trace.peak_bytes:.0%} of the all-fast peak) on "
             f"{ctx.hardware.name}: the smallest it can honour is {format_bytes(need)} "
             f"({need / trace.peak_bytes:.0%}): raise the budget"
             + ("" if policy == "sentinel" else " or try policy=sentinel")
+            + f"; {floor.describe('the smallest plan')}"
         )
     return found[0]

@@ -60,6 +60,9 @@ class SimResult:
     op_start_s: tuple[float, ...] = ()
     op_end_s: tuple[float, ...] = ()
     copies: tuple[Copy, ...] = field(default=())
+    # storage id -> fast bytes it holds during op ``snapshot_at`` (see `simulate`); None unless
+    # a snapshot was asked for
+    fast_at_snapshot: dict[int, int] | None = None
 
 
 def _with_step_time(result: SimResult, step_s: float) -> SimResult:
@@ -73,15 +76,28 @@ def simulate(
     *,
     cost: CostModel | None = None,
     timeline: bool = False,
+    snapshot_at: int | None = None,
 ) -> SimResult:
     """Replay the step under ``plan`` on ``hardware`` (a `Hardware` or a preset spec such as
     ``"h100-sxm,h2d=50GB/s"``); see NOTE [Simulator rules]. ``timeline=True`` also records
-    op and copy times, for `save_sim_chrome`."""
+    op and copy times, for `save_sim_chrome`.
+
+    ``snapshot_at=i`` also records which storages hold the fast bytes during op ``i``, as
+    ``result.fast_at_snapshot``: storage id -> bytes (storages with none left out). Storages
+    the plan leaves alone count whole while live; a managed storage counts its fast bytes
+    plus its evictions still in flight. The values sum to ``result.fast_bytes[i]``.
+    """
     if isinstance(hardware, str):
         from sentinel_hm.planning.presets import parse_hardware
 
         hardware = parse_hardware(hardware)
-    return _Replay(trace, plan, hardware, cost or CostModel(trace, hardware), timeline).run()
+    if snapshot_at is not None and not 0 <= snapshot_at < len(trace.ops):
+        raise SentinelError(
+            f"snapshot_at={snapshot_at} is not an op of this trace: give 0 to "
+            f"{len(trace.ops) - 1}"
+        )
+    replay = _Replay(trace, plan, hardware, cost or CostModel(trace, hardware), timeline)
+    return replay.run(snapshot_at)
 
 
 class _Replay:
@@ -140,7 +156,9 @@ class _Replay:
         self.overflow = 0
         self.stall_s = self.compute_s = 0.0
         self.to_fast = self.to_slow = 0
-        self.releases: list[tuple[float, int]] = []
+        # evictions in flight: (end s, bytes, storage); their bytes stay in managed_fast
+        # until the copy ends. The storage id only serves snapshots.
+        self.releases: list[tuple[float, int, int]] = []
         self.copies: list[Copy] = []
 
     # -- copies --------------------------------------------------------------------------------
@@ -170,7 +188,7 @@ class _Replay:
         """Stall compute until ``need`` more bytes fit, or record the overflow."""
         self._release_until(self.t)
         while base + self.managed_fast + need > self.capacity and self.releases:
-            when, freed = heapq.heappop(self.releases)
+            when, freed, _ = heapq.heappop(self.releases)
             if when > self.t:
                 self.stall_s += when - self.t
                 self.t = when
@@ -215,7 +233,7 @@ class _Replay:
 
     # -- the replay ----------------------------------------------------------------------------
 
-    def run(self) -> SimResult:
+    def run(self, snapshot_at: int | None = None) -> SimResult:
         link = self.hw.link
         self.h2d_lanes = [0.0] * link.copy_engines
         self.d2h_lanes = [0.0] * link.copy_engines
@@ -241,10 +259,10 @@ class _Replay:
         for sid in self.leftover:  # created in the step and never freed: replaced next step
             self.managed_fast -= self.fast[sid]
             self.fast[sid] = 0
-        result = self._step(record=True)
+        result = self._step(record=True, snapshot_at=snapshot_at)
         return result if first_end == 0 else _with_step_time(result, self.t - first_end)
 
-    def _step(self, record: bool) -> SimResult:
+    def _step(self, record: bool, snapshot_at: int | None = None) -> SimResult:
         self.copies = []
         self.stall_s = 0.0
         self.compute_s = 0.0
@@ -259,6 +277,8 @@ class _Replay:
         ends: list[float] = []
         peak = 0
         step_start = self.t
+        snap = -1 if snapshot_at is None else snapshot_at  # one int compare per op when off
+        snapshot: dict[int, int] | None = None
         for i in range(self.n_ops):
             base = base_live[i]
             moves = self.moves_at.get(i)
@@ -296,6 +316,8 @@ class _Replay:
             occupancy[i] = occ
             if occ > peak:
                 peak = occ
+            if i == snap:
+                snapshot = self._snapshot(i)
             if self.timeline:
                 starts.append(self.t)
             self.t += duration
@@ -327,7 +349,26 @@ class _Replay:
             op_start_s=tuple(starts),
             op_end_s=tuple(ends),
             copies=tuple(self.copies),
+            fast_at_snapshot=snapshot,
         )
+
+    def _snapshot(self, i: int) -> dict[int, int]:
+        """Fast bytes per storage during op ``i``: what ``base_live[i] + managed_fast`` counts."""
+        out: dict[int, int] = {}
+        managed = self.plan.managed
+        for s in self.trace.storages:
+            if s.id in managed:
+                continue
+            start = 0 if s.created_at is None else s.created_at
+            end = len(self.trace.ops) if s.freed_at is None else s.freed_at + 1
+            if start <= i < end and s.nbytes:
+                out[s.id] = s.nbytes
+        for sid in managed:
+            if self.fast[sid]:
+                out[sid] = self.fast[sid]
+        for _, nbytes, sid in self.releases:  # evicted, but the copy still holds the space
+            out[sid] = out.get(sid, 0) + nbytes
+        return out
 
     def _issue(self, mv: Move, base: int) -> None:
         sid = mv.storage
@@ -340,7 +381,7 @@ class _Replay:
                 self.managed_fast -= nbytes  # the slow copy is current: nothing to copy
                 return
             end = self._copy(sid, Tier.SLOW, nbytes, max(self.t, self.ready[sid]), demand=False)
-            heapq.heappush(self.releases, (end, nbytes))
+            heapq.heappush(self.releases, (end, nbytes, sid))
             self.to_slow += nbytes
             self.clean[sid] = True
         else:
