@@ -13,12 +13,31 @@ one. If it is over the budget (the program may hold a tensor a little longer
 than the trace suggested, an event may come a little after the planned op),
 the plan is made again for a budget lowered by the excess, and measured again,
 up to ``MAX_REPLANS`` times; after that the step raises `SentinelError`. With
-``fast_memory="min"`` the budget is the measured peak of the smallest plan.
+``fast_memory="min"`` the budget is the measured peak of the smallest plan,
+rounded up to 1/256 of the all-fast peak. Saved tensors the program itself
+holds (its input batch, say) free nothing when evicted; a trial step finds
+them, and they are planned as staying fast.
 
-Known limitations: parameters move only under direct access (ops read them in
-the slow tier); optimizer state and gradients come back as a whole before
-``optimizer.step()``, not per parameter; the host tiers' copies share the CPU
-with compute.
+If no plan fits a measured excess, the step raises `SentinelError` naming the
+smallest budget measured to work; every tensor is back in fast memory and later
+steps run plain (phase ``off``).
+
+What moves: saved activations, parameters (NOTE [Parameter saves]),
+gradients (as soon as they are complete) and optimizer state, streamed chunk
+by chunk through the update (NOTE [Chunked optimizer step]).
+
+Known limitations: an optimizer that cannot be streamed brings its gradients
+and state back whole before ``optimizer.step()``; gradients stay in fast
+memory on CUDA; the host tiers' copies share the CPU with compute.
+
+NOTE [Parameter saves]
+Autograd saves parameters (``weight.t()`` for the input's gradient), which
+would keep their fast bytes alive from forward to backward. A save of a
+parameter the plan moves is kept as the parameter plus the view's geometry,
+and rebuilt over the parameter's current storage when backward unpacks it, so
+the parameter can leave fast memory in between. A parameter moves by copying
+its bytes and swapping ``param.data``; identity, version counter and the
+optimizer's state keys survive the swap.
 """
 
 from __future__ import annotations
@@ -29,7 +48,7 @@ import statistics
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -42,9 +61,15 @@ from sentinel_hm.planning.hardware import Access, Hardware
 from sentinel_hm.planning.model import Plan, Tier
 from sentinel_hm.planning.planner import context, make_plan, min_budget
 from sentinel_hm.planning.policies.sentinel import parse_interval_label
+from sentinel_hm.runtime.chunked_optimizer import (
+    ChunkedStep,
+    param_chunks,
+    warn_unstreamed,
+    why_not_streamable,
+)
 from sentinel_hm.runtime.mover import Mover
 from sentinel_hm.runtime.residency import HeldEntry
-from sentinel_hm.runtime.schedule import SavedEvents, Schedule
+from sentinel_hm.runtime.schedule import Schedule, StepEvents
 from sentinel_hm.runtime.steady import SteadyStep
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.tiers import open_tiers
@@ -54,7 +79,8 @@ from sentinel_hm.units import format_bytes, parse_budget
 
 ARENA_NAME = "sentinel: slow arena"
 MAX_REPLANS = 4
-_MOVABLE = frozenset({Kind.SAVED_ACTIVATION, Kind.OPTIMIZER_STATE, Kind.GRADIENT})
+_MOVABLE = frozenset({Kind.SAVED_ACTIVATION, Kind.OPTIMIZER_STATE, Kind.GRADIENT,
+                      Kind.PARAMETER})
 
 
 @dataclass
@@ -80,6 +106,7 @@ class Stats:
     mismatches: list[str] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)  # test-and-trial steps
     chosen_interval: str | None = None
+    note: str | None = None  # e.g. why nothing moves
 
     def summary(self) -> dict[str, Any]:
         def median(xs: list[Any]) -> Any:
@@ -98,6 +125,7 @@ class Stats:
             "predicted_peak_fast_bytes": self.predicted_peak_fast_bytes,
             "profiles": self.profiles, "mismatches": list(self.mismatches),
             "trials": list(self.trials), "chosen_interval": self.chosen_interval,
+            "note": self.note,
         }
 
 
@@ -141,13 +169,27 @@ class Sentinel:
         # storages of parameters and buffers: address -> the storage (weakly: an address is
         # reused once a storage dies)
         self._never_copied: dict[int, weakref.ref[torch.UntypedStorage]] = {}
+        # parameters the plan moves, by their current fast storage (NOTE [Parameter saves])
+        self._moving_params: dict[int, tuple[weakref.ref[torch.UntypedStorage], int,
+                                             torch.Tensor]] = {}
+        self._param_sid: dict[int, int] = {}  # id(parameter) -> its trace storage, if moved
+        self._chunk_sids: list[list[int]] = []
+        self._named = dict(model.named_parameters())  # the names the tracer gives them
+        # NOTE [Chunked optimizer step]: the update streams chunk by chunk when it can
+        reason = why_not_streamable(optimizer)
+        self._chunks = param_chunks(model, optimizer) if reason is None else None
+        if reason is not None:
+            warn_unstreamed(reason)
+        self._closure_seen = False
+        self._audited_peaks: list[int] = []  # a plan measured at m fits a budget of m
+        self._program_held: set[int] = set()  # saved storages the program itself kept
         # A plain warm-up step: the optimizer creates its state (the profiled step must look
         # like the steady ones), and its wall time calibrates the per-op overhead.
         self._phase = "warmup"
         self._plain_step_s: float | None = None
         self._audit_next = False
         self._audit_trace: Trace | None = None
-        self._events = SavedEvents()
+        self._events = StepEvents()
         self._ctx: Any = None
         self._budget = 0
         self._replans = 0
@@ -163,7 +205,9 @@ class Sentinel:
         passes for gradient accumulation)."""
         start = time.perf_counter()
         phase = self._phase
-        if phase == "warmup":
+        if phase == "off":  # a budget that could not be held: plain steps (see close())
+            yield
+        elif phase == "warmup":
             yield
             device = getattr(self.tiers, "device", None)
             if device is not None:  # GPU work is asynchronous: time it to its end
@@ -216,22 +260,39 @@ class Sentinel:
 
     def _profile_step(self) -> Iterator[None]:
         self._restore()
-        events = SavedEvents()
+        events = StepEvents()
         tracer = Tracer(self.model, self.optimizer, on_saved=events)
+        handles = self._grad_hooks(lambda name: events.grad_ready(name, tracer.next_op))
+        chunked = None
+        if self._chunks is not None:  # the profile sees the update as it will run
+            chunked = ChunkedStep(self.optimizer, self._chunks,
+                                  lambda c: tracer.mark_optimizer_chunk(), _nothing,
+                                  self._saw_closure)
+            chunked.install()
         tracer.start()
         try:
             yield
         finally:
             trace = tracer.stop()
+            for h in handles:
+                h.remove()
+            if chunked is not None:
+                chunked.remove()
         self._stats.profiles += 1
         self._events = events
+        self._program_held = set()  # storage ids are the new trace's
         hw = self._calibrated(trace)
         movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
-        if self.tiers.access is Access.DIRECT:  # ops can read parameters in the slow tier
-            movable = movable | {Kind.PARAMETER}
-        self._ctx = context(trace, hw, movable=movable, stream_optimizer=False)
+        streamed = "optimizer_chunks" in trace.meta
+        self._ctx = context(trace, hw, movable=movable, stream_optimizer=streamed)
         if self.fast_memory == "min":
-            self._budget = min_budget(self._ctx, self.policy)
+            self._budget = min(min_budget(self._ctx, self.policy), trace.peak_bytes)
+            if self._budget >= trace.peak_bytes:
+                self._stats.note = (
+                    f"no plan makes this step's fast-memory peak smaller than its all-fast "
+                    f"peak, {format_bytes(trace.peak_bytes)}: nothing moves"
+                )
+                warnings.warn(f"sentinel: {self._stats.note}", stacklevel=4)
         else:
             self._budget = parse_budget(self.fast_memory, trace.peak_bytes)
         self._replans = 0
@@ -289,20 +350,54 @@ class Sentinel:
         if measured <= self._budget:
             self._phase = "steady"
             return
+        held = self._program_held - self._ctx.fixed
+        if held:
+            # evictions that freed nothing (the program holds those tensors): plan them as
+            # staying in fast memory, for the same budget
+            self._ctx = dataclasses.replace(self._ctx, fixed=self._ctx.fixed | held,
+                                            min_budgets={})
+            if self.fast_memory == "min":
+                self._budget = min(min_budget(self._ctx, self.policy), self.trace.peak_bytes)
+            try:
+                self._make_plan(self.trace, self._budget)
+                return
+            except SentinelError:
+                pass  # this budget cannot be met with them in fast memory: say so below
         if self.fast_memory == "min" and self._replans == 0:
-            self._budget = measured
-            self._stats.budget_bytes = measured
+            # the measured peak, rounded up to the planner's resolution (1/256 of the peak):
+            # a later step may allocate a few bytes more (a loss the loop keeps, say)
+            grain = max(1, self.trace.peak_bytes // 256)
+            self._budget = -(-measured // grain) * grain
+            self._stats.budget_bytes = self._budget
             self._phase = "steady"
             return
         self._replans += 1
-        if self._replans > MAX_REPLANS:
-            raise SentinelError(
-                f"the measured fast-memory peak, {format_bytes(measured)}, stays above the "
-                f"budget of {format_bytes(self._budget)} after {MAX_REPLANS} re-plans: raise "
-                "fast_memory"
-            )
         target = self.plan.budget_bytes - (measured - self._budget)
-        self._make_plan(self.trace, target)
+        if self._replans <= MAX_REPLANS:
+            try:
+                self._make_plan(self.trace, target)
+                return
+            except SentinelError:
+                pass  # no plan fits the corrected target
+        self._give_up(
+            f"the plan for fast_memory={self.fast_memory!r} ({format_bytes(self._budget)}) "
+            f"measured {format_bytes(measured)} in fast memory, and no plan fits the "
+            f"{format_bytes(target)} that would correct for that"
+        )
+
+    def _give_up(self, why: str) -> None:
+        """NOTE [Measured budget]: everything back in fast memory, later steps run plain."""
+        works = min(self._audited_peaks, default=None)
+        peak = self.trace.peak_bytes if self.trace is not None else 0
+        advice = (
+            f"the smallest budget measured to work is {format_bytes(works)}"
+            f" ({works / peak:.0%} of the all-fast peak): use fast_memory={works} or more"
+            if works is not None and peak else "raise fast_memory"
+        )
+        self._restore()
+        self._phase = self._stats.phase = "off"
+        raise SentinelError(f"{why}; {advice}. Training can go on: later steps run without "
+                            "Sentinel (everything is back in fast memory)")
 
     def _calibrated(self, trace: Trace) -> Hardware:
         """The tiers' hardware model, with the per-op framework overhead measured: the plain
@@ -320,15 +415,9 @@ class Sentinel:
         ctx, budget = self._ctx, self._budget
         hw = ctx.hardware
         self._restore()
-        try:
-            plan = make_plan(trace, hw, target, self.policy, ctx=ctx)
-        except SentinelError:
-            if target == budget:
-                raise
-            raise SentinelError(
-                f"the plan for {format_bytes(budget)} measured above it, and no plan fits the "
-                f"{format_bytes(target)} that would correct for that: raise fast_memory"
-            ) from None
+        # nothing moves for nothing: a budget that holds the whole step gets the all-fast plan
+        policy = "all-fast" if target >= trace.peak_bytes else self.policy
+        plan = make_plan(trace, hw, target, policy, ctx=ctx)
         schedule = Schedule.build(trace, plan, self._events)
         self.trace, self.plan, self.schedule = trace, plan, schedule
         self.prediction = simulate(trace, plan, hw, cost=ctx.cost)
@@ -339,34 +428,76 @@ class Sentinel:
         self._stats.predicted_peak_fast_bytes = self.prediction.peak_fast_bytes
         self.tiers.reserve(schedule.arena_bytes)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        named = dict(self.model.named_parameters())
+        named = self._named
         self._held = {}
+        self._moving_params = {}
+        self._param_sid = {}
+        owner: dict[int, int] = {}  # held trace storage -> id() of its parameter
         for sid, (index, key) in schedule.states.items():
             state = self.optimizer.state[params[index]]
             self._held[sid] = HeldEntry(sid, partial(state.get, key),
                                         partial(state.__setitem__, key), self._slot(sid))
+            owner[sid] = id(params[index])
         for sid, name in schedule.grads.items():
             param = named[name]
             self._held[sid] = HeldEntry(sid, partial(getattr, param, "grad"),
                                         partial(setattr, param, "grad"), self._slot(sid))
-        for sid, name in schedule.params.items():  # direct access: ops read them in place
+            owner[sid] = id(param)
+        for sid, name in schedule.params.items():  # NOTE [Parameter saves]
             param = named[name]
             self._held[sid] = HeldEntry(sid, partial(_same, param),
-                                        partial(self._swap_param, param), self._slot(sid))
+                                        partial(self._swap_param, param, sid), self._slot(sid))
+            self._param_sid[id(param)] = sid
+            owner[sid] = id(param)
+            self._track_param(param, sid)
+        self._chunk_sids = [
+            [sid for sid, p in owner.items() if p in members]
+            for members in ({id(p) for p in chunk} for chunk in self._chunks or ())
+        ]
         for sid in schedule.start_slow & set(self._held):
             self._held[sid].evict(self.mover, self.tiers)
             self._held[sid].commit(self.mover)
         self.mover.drain()
 
-    def _swap_param(self, param: torch.Tensor, data: torch.Tensor) -> None:
-        """Move a parameter (direct access): its new storage is still a parameter's, which
-        saved-tensor hooks must recognise and never copy."""
+    def _swap_param(self, param: torch.Tensor, sid: int, data: torch.Tensor) -> None:
+        """Move a parameter: ``param.data`` is swapped; its new storage is still a
+        parameter's, which saved-tensor hooks must recognise (NOTE [Parameter saves])."""
         param.data = data
         _remember(self._never_copied, data)
+        self._track_param(param, sid)
+
+    def _track_param(self, param: torch.Tensor, sid: int) -> None:
+        storage = param.untyped_storage()
+        if not self.tiers.is_slow(storage):  # the arena is every slow parameter's storage
+            self._moving_params[storage._cdata] = (weakref.ref(storage), sid, param)
 
     def _slot(self, sid: int) -> torch.Tensor:
         assert self.schedule is not None and self.trace is not None
         return self.tiers.slot(self.schedule.slots[sid], self.trace.storages[sid].nbytes)
+
+    def _saw_closure(self) -> None:
+        if not self._closure_seen:
+            self._closure_seen = True
+            warn_unstreamed("optimizer.step() was given a closure")
+
+    def _grad_hooks(self, ready: Callable[[str], None]) -> list[Any]:
+        """Post-accumulate-grad hooks: a gradient is complete (a clock event)."""
+        return [p.register_post_accumulate_grad_hook(lambda _, name=name: ready(name))
+                for name, p in self._named.items() if p.requires_grad]
+
+    def _fetch_hooks(self, run: SteadyStep) -> list[Any]:
+        """Migrate access: a module's own moving parameters are fast before it runs (the plan
+        prefetched them; if not, they come back now, as a stall)."""
+        if self.tiers.access is not Access.MIGRATE or not self._param_sid:
+            return []
+        handles = []
+        for module in self.model.modules():
+            sids = [self._param_sid[id(p)] for p in module._parameters.values()
+                    if p is not None and id(p) in self._param_sid]
+            if sids:
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, _a, sids=sids: run.module_pre_forward(sids)))
+        return handles
 
     def _steady_step(self) -> Iterator[None]:
         assert self.schedule is not None
@@ -376,9 +507,10 @@ class Sentinel:
         for t in (*self.model.parameters(), *self.model.buffers(), *params):
             _remember(never_copied, t)
         arena = self.tiers.arena()
-        if arena is not None:  # parameters (direct access) may live there
+        if arena is not None:  # parameters in the slow tier live there
             _remember(never_copied, arena)
-        run = SteadyStep(self.schedule, self.tiers, self.mover, self._held, never_copied)
+        run = SteadyStep(self.schedule, self.tiers, self.mover, self._held, never_copied,
+                         self._moving_params, self._chunk_sids)
         self.mover.reset_counters()
         audit = self._audit_next
         self._audit_next = False
@@ -395,30 +527,41 @@ class Sentinel:
             tracer.start()
             if arena is not None:
                 tracer.tag_external(arena, ARENA_NAME)
-        handles = [
-            self.optimizer.register_step_pre_hook(lambda *_: run.before_optimizer()),
-            self.optimizer.register_step_post_hook(lambda *_: run.after_optimizer()),
-        ]
+        handles = [*self._grad_hooks(run.grad_ready), *self._fetch_hooks(run)]
+        chunked = None
+        if self._chunks is not None and self.schedule.chunk_ops:
+            chunked = ChunkedStep(self.optimizer, self._chunks, run.before_chunk, _nothing,
+                                  run.before_optimizer)
+            chunked.install()
+        else:
+            handles.append(self.optimizer.register_step_pre_hook(
+                lambda *_: run.before_optimizer()))
+        handles.append(self.optimizer.register_step_post_hook(lambda *_: run.after_optimizer()))
         # Nothing saved to manage (a budget that fits the step): no hooks, no cost, and
         # autograd keeps its own checks.
-        hooked = bool(self.schedule.managed_saved)
+        hooked = bool(self.schedule.managed_saved or self.schedule.params)
         hooks = (torch.autograd.graph.saved_tensors_hooks(run.pack, run.unpack)
                  if hooked else contextlib.nullcontext())
+
+        def unhook() -> None:
+            for h in handles:
+                h.remove()
+            if chunked is not None:
+                chunked.remove()
+
         try:
             with hooks:
                 yield
             run.finish(hooked)
         except BaseException:
-            for h in handles:
-                h.remove()
+            unhook()
             if tracer is not None:
                 tracer.stop()
             self.mover.synchronous = False
             self._restore()
             self._phase = "profile"  # start afresh if the loop goes on
             raise
-        for h in handles:
-            h.remove()
+        unhook()
         if tracer is not None:
             self.mover.synchronous = False
             self._audit_trace = tracer.stop()
@@ -428,6 +571,8 @@ class Sentinel:
                 torch.cuda.synchronize(device)
                 measured = max(measured, torch.cuda.max_memory_allocated(device))
             self._stats.audited_peak_fast_bytes = measured
+            self._audited_peaks.append(measured)
+        self._program_held |= run.program_held
         self._stats.stall_s.append(self.mover.stall_s)
         self._stats.bytes_to_slow.append(self.mover.bytes_moved[Tier.SLOW])
         self._stats.bytes_to_fast.append(self.mover.bytes_moved[Tier.FAST])
@@ -452,6 +597,12 @@ class Sentinel:
             for entry in held.values():
                 entry.restore(self.mover, self.tiers)
             self.mover.drain()
+            self._moving_params = {}
+            self._param_sid = {}
+
+
+def _nothing(_: int) -> None:
+    pass
 
 
 def _remember(table: dict[int, weakref.ref[torch.UntypedStorage]], t: torch.Tensor) -> None:

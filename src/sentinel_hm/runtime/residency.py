@@ -68,9 +68,12 @@ class SavedEntry:
     handles: list[weakref.ref[Handle]] = field(default_factory=list)
     future: Future[None] | None = None
     in_slow: bool = False  # the slot holds the current bytes
-    unpacked: bool = False
     evicted_version: int | None = None  # the storage's version when its bytes left
     torn: bool = False  # modified in place during its eviction copy
+    # the fast storage after its bytes left: alive at unpack means the program holds it too,
+    # and the eviction freed nothing
+    left_behind: weakref.ref[torch.UntypedStorage] | None = None
+    program_held: bool = False
 
     def handle(self, t: torch.Tensor) -> Handle | None:
         """A handle for another save of this storage, or None if it cannot share the entry.
@@ -133,6 +136,8 @@ class SavedEntry:
         self.future = mover.submit(Tier.SLOW, self.nbytes, work)
 
     def _drop_fast(self) -> None:
+        if self.storage is not None:
+            self.left_behind = weakref.ref(self.storage)
         self.storage = None
         for h in self.live_handles():
             h.tensor = None
@@ -168,6 +173,11 @@ class SavedEntry:
                 "in place after autograd saved it; its gradient would be wrong: clone it "
                 "before modifying it, or make the op out of place"
             )
+        kept = self.left_behind() if self.storage is None and self.left_behind else None
+        if kept is not None and original is not None:
+            # the program kept it (and it is unchanged: checked above): no copy back needed
+            self.program_held = True
+            self.storage = kept
         if self.storage is None:
             if tiers.access is Access.DIRECT:
                 arena = self.slot.untyped_storage()

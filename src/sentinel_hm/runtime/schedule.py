@@ -6,8 +6,11 @@ runtime sees only hook events: each distinct storage autograd saves (pack, in
 order), the first unpack of each managed one in backward, and the optimizer's
 step. The profiled step recorded the op index of each of these events, so in
 later steps an event tells the runtime where in the trace it is; every move of
-the plan with ``issue_at`` at or before that op index is then issued. A step
-is recognised as the profiled one by the sequence of packed storage sizes.
+the plan with ``issue_at`` at or before that op index is then issued. Two more
+kinds of event give the clock in backward and in the optimizer: a parameter's
+gradient is complete (a post-accumulate-grad hook), and a chunk of the
+streamed optimizer step starts (NOTE [Chunked optimizer step]). A step is
+recognised as the profiled one by the sequence of packed storage sizes.
 """
 
 from __future__ import annotations
@@ -22,23 +25,33 @@ _ALIGN = 64
 _STATE_NAME = re.compile(r"state\[(\d+)\]\.(.+)")
 
 
-class SavedEvents:
-    """Listener for the profiled step's saved-tensor events (see `Tracer`'s ``on_saved``)."""
+class StepEvents:
+    """The profiled step's events: saved-tensor packs and unpacks (`Tracer`'s ``on_saved``)
+    and completed gradients (`grad_ready`), each with its op clock."""
 
     def __init__(self) -> None:
         self.pack_order: list[int] = []
         self.pack_op: list[int] = []
         self.unpack_op: dict[int, int] = {}
+        self.grad_ops: dict[str, list[int]] = {}  # parameter name -> op clock of each event
+        self.pack_clock: list[int] = []  # op clock of every pack, in order (repeats too)
+        self.unpack_clock: list[int] = []  # op clock of every unpack, in order
         self._packed: set[int] = set()
+
+    def grad_ready(self, name: str, clock: int) -> None:
+        self.grad_ops.setdefault(name, []).append(clock)
 
     def __call__(self, event: str, sid: int, clock: int) -> None:
         if event == "pack":
+            self.pack_clock.append(clock)
             if sid not in self._packed:
                 self._packed.add(sid)
                 self.pack_order.append(sid)
                 self.pack_op.append(clock)
-        elif sid not in self.unpack_op:
-            self.unpack_op[sid] = clock
+        else:
+            self.unpack_clock.append(clock)
+            if sid not in self.unpack_op:
+                self.unpack_op[sid] = clock
 
 
 @dataclass(frozen=True)
@@ -50,17 +63,21 @@ class Schedule:
     managed_saved: frozenset[int]
     states: dict[int, tuple[int, str]]  # trace storage -> (parameter index, state key)
     grads: dict[int, str]  # trace storage -> parameter name
-    params: dict[int, str]  # trace storage -> parameter name (direct access only)
+    params: dict[int, str]  # trace storage -> parameter name
     moves: tuple[Move, ...]
     start_slow: frozenset[int]  # managed storages in the slow tier at start or creation
     slots: dict[int, int]  # trace storage -> byte offset in the slow arena
     arena_bytes: int
     optimizer_op: int | None  # first op of the optimizer phase
     optimizer_end: int | None  # the op after its last
+    pack_clock: tuple[int, ...]  # op clock of every pack and every unpack of the profile
+    unpack_clock: tuple[int, ...]
+    chunk_ops: tuple[int, ...]  # first op of each chunk of a streamed optimizer step
+    grad_ops: dict[str, tuple[int, ...]]  # parameter name -> clock of each completed gradient
     n_ops: int
 
     @staticmethod
-    def build(trace: Trace, plan: Plan, events: SavedEvents) -> Schedule:
+    def build(trace: Trace, plan: Plan, events: StepEvents) -> Schedule:
         storages = trace.storages
         keep = [
             (sid, clock)
@@ -92,11 +109,13 @@ class Schedule:
         optimizer_ops = [op.index for op in trace.ops if op.phase is Phase.OPTIMIZER]
         optimizer_op = optimizer_ops[0] if optimizer_ops else None
         optimizer_end = optimizer_ops[-1] + 1 if optimizer_ops else None
+        chunks = trace.meta.get("optimizer_chunks")
         return Schedule(
             saved_order=tuple(sid for sid, _ in keep),
             saved_nbytes=tuple(storages[sid].nbytes for sid, _ in keep),
             pack_op=tuple(clock for _, clock in keep),
-            unpack_op={sid: op for sid, op in events.unpack_op.items() if sid in saved},
+            unpack_op={sid: op for sid, op in events.unpack_op.items()
+                       if sid in saved or sid in params},
             managed_saved=saved,
             states=states,
             grads=grads,
@@ -108,5 +127,9 @@ class Schedule:
             arena_bytes=offset,
             optimizer_op=optimizer_op,
             optimizer_end=optimizer_end,
+            pack_clock=tuple(events.pack_clock),
+            unpack_clock=tuple(events.unpack_clock),
+            chunk_ops=tuple(int(op) for op in chunks) if isinstance(chunks, list) else (),
+            grad_ops={name: tuple(ops) for name, ops in events.grad_ops.items()},
             n_ops=len(trace.ops),
         )

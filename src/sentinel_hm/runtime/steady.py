@@ -40,6 +40,36 @@ class _Unmanaged:
         return self.tensor
 
 
+class _ParamSave:
+    """A saved view of a parameter the plan moves (``weight.t()`` saved by ``nn.Linear``).
+
+    Autograd keeps the parameter and the view's geometry, not its bytes: the bytes can then
+    leave fast memory between forward and backward, and the view is rebuilt over wherever
+    the parameter lives when backward needs it (NOTE [Parameter saves]).
+    """
+
+    __slots__ = ("delta", "dtype", "param", "sid", "size", "stride", "version")
+
+    def __init__(self, sid: int, param: torch.Tensor, t: torch.Tensor) -> None:
+        self.sid = sid
+        self.param = param
+        self.delta = int(t.storage_offset()) - int(param.storage_offset())
+        self.size, self.stride, self.dtype = tuple(t.size()), tuple(t.stride()), t.dtype
+        self.version = param._version
+
+    def rebuild(self) -> torch.Tensor:
+        p = self.param
+        if p._version != self.version:
+            raise SentinelError(
+                f"a parameter (shape {tuple(p.shape)}) was modified in place between the "
+                "forward pass that saved it and the backward pass that uses it; its gradient "
+                "would be wrong: update parameters after backward, as optimizers do"
+            )
+        return torch.empty(0, dtype=self.dtype, device=p.device).set_(
+            p.untyped_storage(), int(p.storage_offset()) + self.delta, self.size, self.stride
+        )
+
+
 class SteadyStep:
     """Executes ``schedule`` during one training step (forward, backward, optimizer)."""
 
@@ -50,12 +80,22 @@ class SteadyStep:
         mover: Mover,
         held: dict[int, HeldEntry],
         never_copied: dict[int, weakref.ref[torch.UntypedStorage]],
+        moving_params: dict[int, tuple[weakref.ref[torch.UntypedStorage], int, torch.Tensor]],
+        chunk_sids: list[list[int]],
     ) -> None:
         self.schedule = schedule
         self.tiers = tiers
         self.mover = mover
-        self.held = held  # optimizer state and gradients
+        self.held = held  # parameters, gradients and optimizer state
         self.never_copied = never_copied  # storages of parameters and buffers
+        # storage address -> (the storage, its trace id, the parameter) for parameters the
+        # plan moves; kept current by the manager as parameters change storage
+        self.moving_params = moving_params
+        self.chunk_sids = chunk_sids  # held entries each optimizer chunk updates
+        self.grad_events: dict[str, int] = {}
+        self.pack_calls = 0
+        self.unpack_calls = 0
+        self.program_held: set[int] = set()  # evictions that freed nothing (see SavedEntry)
         # Weak: the handles autograd holds keep entries (and their fast bytes) alive, exactly
         # as long as the saved tensors would live without Sentinel.
         self.entries: weakref.WeakValueDictionary[int, SavedEntry] = (
@@ -115,8 +155,22 @@ class SteadyStep:
     def pack(self, t: torch.Tensor) -> Any:
         if t.layout is not torch.strided or type(t) not in (torch.Tensor, torch.nn.Parameter):
             return t  # sparse, nested, subclasses: not managed (the tracer skips them too)
+        packed = self._pack(t)
+        # every save is a clock event (NOTE [Runtime clock]); moves come after the handle
+        # exists, so an eviction sees (and drops) this save too
+        n = self.pack_calls
+        self.pack_calls += 1
+        clock = self.schedule.pack_clock
+        if self.mismatch is None and n < len(clock):
+            self.advance(clock[n])
+        return packed
+
+    def _pack(self, t: torch.Tensor) -> Any:
         storage = t.untyped_storage()
         key = storage._cdata
+        moving = self.moving_params.get(key)
+        if moving is not None and moving[0]() is storage:
+            return _ParamSave(moving[1], moving[2], t)
         known = self.never_copied.get(key)
         if known is not None and known() is storage:
             return t
@@ -133,11 +187,8 @@ class SteadyStep:
         entry = self._entry(k, storage)
         self.seen[key] = (weakref.ref(storage), weakref.ref(entry) if entry else None)
         handle = entry.handle(t) if entry is not None else None
-        # moves come after the handle exists, so an eviction sees (and drops) this save too
-        if self.mismatch is None:
-            self.advance(self.schedule.pack_op[k])
-            if entry is not None and entry.sid in self.schedule.start_slow:
-                entry.evict(self.mover, self.tiers)
+        if self.mismatch is None and entry is not None and entry.sid in self.schedule.start_slow:
+            entry.evict(self.mover, self.tiers)
         return _Unmanaged(t) if handle is None else handle
 
     def _entry(self, k: int, storage: torch.UntypedStorage) -> SavedEntry | None:
@@ -161,25 +212,67 @@ class SteadyStep:
         return entry
 
     def unpack(self, packed: Any) -> Any:
+        if isinstance(packed, _Unmanaged | _ParamSave | Handle):
+            n = self.unpack_calls  # every unpack is a clock event too
+            self.unpack_calls += 1
+            clock = self.schedule.unpack_clock
+            if self.mismatch is None and n < len(clock):
+                self.advance(clock[n])
         if isinstance(packed, _Unmanaged):
             return packed.unpack()
+        if isinstance(packed, _ParamSave):
+            self.need(packed.sid)
+            return packed.rebuild()
         if not isinstance(packed, Handle):
             return packed
         entry = packed.entry
-        if not entry.unpacked:
-            entry.unpacked = True
-            op = self.schedule.unpack_op.get(entry.sid)
-            if op is not None:
-                self.advance(op)
         tensor = entry.materialize(packed, self.mover, self.tiers)
+        if entry.program_held:
+            self.program_held.add(entry.sid)
         storage = tensor.untyped_storage()
         if storage._cdata not in self.seen:  # a rebuilt storage saved again (recomputation)
             self.seen[storage._cdata] = (weakref.ref(storage), weakref.ref(entry))
         return tensor
 
-    # -- optimizer hooks -----------------------------------------------------------------------
+    # -- demand fetches ------------------------------------------------------------------------
+
+    def need(self, sid: int) -> None:
+        """A held tensor is about to be used: its move in flight lands, and under migrate
+        access it comes back now if the plan left it in the slow tier (a stall)."""
+        held = self.held.get(sid)
+        if held is None:
+            return
+        held.commit(self.mover)
+        if self.tiers.access is Access.MIGRATE:
+            held.restore(self.mover, self.tiers)
+
+    def module_pre_forward(self, sids: list[int]) -> None:
+        for sid in sids:
+            self.need(sid)
+
+    # -- gradient and optimizer hooks ----------------------------------------------------------
+
+    def grad_ready(self, name: str) -> None:
+        """A parameter's gradient is complete (post-accumulate-grad hook): a clock event."""
+        k = self.grad_events.get(name, 0)
+        self.grad_events[name] = k + 1
+        ops = self.schedule.grad_ops.get(name, ())
+        if k < len(ops) and self.mismatch is None:
+            self.advance(ops[k])
+
+    def before_chunk(self, c: int) -> None:
+        """NOTE [Chunked optimizer step]: chunk ``c``'s tensors in fast memory, then update."""
+        chunk_ops = self.schedule.chunk_ops
+        if c < len(chunk_ops):
+            self.advance(chunk_ops[c])
+        elif self.mismatch is None:
+            self.mismatched(f"the optimizer ran chunk {c + 1}; the profiled step had "
+                            f"{len(chunk_ops)}")
+        for sid in self.chunk_sids[c] if c < len(self.chunk_sids) else ():
+            self.need(sid)
 
     def before_optimizer(self) -> None:
+        """An update that runs whole: everything it may touch comes back first."""
         if self.schedule.optimizer_op is not None:
             self.advance(self.schedule.optimizer_op)
         self._commit(block=True)  # no swap may race the optimizer's writes

@@ -172,6 +172,7 @@ class Tracer:
             self._enter_forward()
         self._t0 = 0.0
         self._wall_s = 0.0
+        self._chunk_ops: list[int] = []  # first op of each optimizer chunk a runtime ran
         # on CUDA an op's duration is taken around a synchronisation (kernel time, not launch
         # time); asking whether CUDA is initialised does not initialise it
         self._sync_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -209,6 +210,16 @@ class Tracer:
         self._live.clear()
         self._node_layer.clear()
         return self._build()
+
+    @property
+    def next_op(self) -> int:
+        """Index of the next op to be recorded: the clock for events between ops."""
+        return len(self._ops)
+
+    def mark_optimizer_chunk(self) -> None:
+        """A runtime streaming the optimizer starts a chunk of parameters at the next op
+        (``meta["optimizer_chunks"]``: the planner cuts the optimizer phase there)."""
+        self._chunk_ops.append(len(self._ops))
 
     # -- layers --------------------------------------------------------------------------------
 
@@ -537,4 +548,6 @@ class Tracer:
             "profiled_step_s": self._wall_s,
             "layer_source": "add_layer" if self._explicit else "modules",
         }
+        if self._chunk_ops:
+            meta["optimizer_chunks"] = list(self._chunk_ops)
         return Trace(tuple(self._ops), tuple(storages), layers, meta)

@@ -33,6 +33,8 @@ class Context:
     # hooks inside optimizer.step() moves optimizer state before and after it, not during).
     movable: frozenset[Kind] | None = None
     stream_optimizer: bool = True
+    # storages a runtime found it cannot free by moving them (the program holds them)
+    fixed: frozenset[int] = frozenset()
     # interval lengths the sentinel policy may try, as (layers per interval, intervals per
     # layer); None: all of its candidates (a runtime's trials restrict it to one)
     interval_lengths: tuple[tuple[int, int], ...] | None = None
@@ -60,11 +62,23 @@ class Context:
         )
 
     def may_move(self, s: StorageRecord) -> bool:
+        if s.id in self.fixed:
+            return False
         if self.movable is None:
             return True
         if s.kind is Kind.SAVED_ACTIVATION:
-            return s.saved and s.kind in self.movable
+            # one that outlives backward is held by the program too (its input batch, say):
+            # a runtime's eviction would free nothing
+            held = s.freed_at is None or (self.backward_end is not None
+                                          and s.freed_at > self.backward_end)
+            return s.saved and s.kind in self.movable and not held
         return s.kind in self.movable
+
+    @cached_property
+    def backward_end(self) -> int | None:
+        """The last op of the last backward pass."""
+        ops = [op.index for op in self.trace.ops if op.phase is Phase.BACKWARD]
+        return ops[-1] if ops else None
 
     def live_range(self, s: StorageRecord) -> tuple[int, int]:
         last = len(self.trace.ops) - 1
@@ -100,11 +114,25 @@ class Context:
             for c in range(count):
                 cut(first + c * n // count)
 
+        # a runtime that streams the optimizer recorded where each chunk starts (one
+        # parameter each): cut there, as many chunks to an interval as k layers have
+        marked = self.trace.meta.get("optimizer_chunks")
+        chunk_ops = [int(op) for op in marked] if isinstance(marked, list) else []
         count = 0
         for seg in self.trace.segments:
             if seg.phase is Phase.OPTIMIZER:
-                n_chunks = -(-n_layers * splits_per_layer // k) if self.stream_optimizer else 1
-                chunks(seg.first_op, seg.last_op, n_chunks)
+                inside = [op for op in chunk_ops if seg.first_op <= op <= seg.last_op]
+                if not self.stream_optimizer:
+                    cut(seg.first_op)
+                elif inside:
+                    cut(seg.first_op)
+                    per_layer = len(inside) / max(1, n_layers)
+                    every = max(1, round(per_layer * k / splits_per_layer))
+                    for c, op in enumerate(inside):
+                        if c % every == 0:
+                            cut(op)
+                else:
+                    chunks(seg.first_op, seg.last_op, -(-n_layers * splits_per_layer // k))
                 count = k  # what follows the optimizer starts a new interval
             elif seg.layer is not None:
                 if splits_per_layer > 1:

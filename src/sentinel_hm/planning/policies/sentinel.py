@@ -47,7 +47,7 @@ from sentinel_hm.planning.policies._common import (
     interval_of,
     register,
 )
-from sentinel_hm.trace.model import Kind, StorageRecord
+from sentinel_hm.trace.model import StorageRecord
 from sentinel_hm.units import format_bytes
 
 # (layers per interval, intervals per layer): quarter and half layers, then runs of layers
@@ -69,15 +69,10 @@ def _gaps(ctx: Context, s: StorageRecord, starts: tuple[int, ...]) -> list[_Gap]
     n_iv = len(starts)
     _, end = ctx.live_range(s)
     used = sorted({interval_of(starts, op) for op in ctx.uses[s.id]})
-    # A runtime moves a tensor by copying it and swapping references; a parameter autograd
-    # saved (weight.t() for the input's gradient) stays referenced by the graph from forward
-    # to backward, so moving it in between would free nothing. (Page migration, which the
-    # plain planner models, frees the pages whatever references them.)
-    pinned_by_graph = ctx.movable is not None and s.kind is Kind.PARAMETER and s.saved
     out = [
         _Gap(s.id, s.nbytes, u1 + 1, u2 - 1, ((u1 + 1, u2 - 2),), False)
         for u1, u2 in itertools.pairwise(used)
-        if u2 - u1 >= 3 and not pinned_by_graph
+        if u2 - u1 >= 3
     ]
     if s.freed_at is None and s.created_at is None:
         if used[0] >= 2:
