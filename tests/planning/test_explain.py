@@ -141,7 +141,7 @@ def test_refusal_names_where_the_smallest_plan_peaks():
         sh.plan(trace, MIGRATE, MiB, "sentinel")
     message = str(refused.value)
     assert "\n" not in message  # the CLI prints it as one line
-    assert ("smallest it can honour is 2.0 MiB (67%): raise the budget; the smallest plan "
+    assert ("smallest it can honour is 2.0 MiB (2101248 bytes, 67%): raise the budget; the smallest plan "
             "peaks at op 1 (aten::test, forward, layer layer1): 2.0 MiB fast = saved "
             "activations 2.0 MiB; 100% is activations: a smaller batch or a chunked loss "
             "lowers it") in message

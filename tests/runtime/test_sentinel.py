@@ -65,14 +65,17 @@ def test_bitwise_equal_and_within_budget(name, budget):
     except sh.SentinelError as e:  # refused at plan time, with the minimum in the message
         assert "smallest it can honour" in str(e)
         assert budget not in ("100%", "min")
-        return
+        pytest.skip(f"{name} at {budget} is below the plan's floor: {e}")
     assert_same(plain_losses, losses)
     assert_same(plain_params, params)
     stats = sentinel.stats()
     assert stats["phase"] == "steady" and not stats["mismatches"]
+    # the last step's audit is a fresh steady step, not the trial that set a "min" budget
     assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
-    if budget == "100%":
-        assert stats["bytes_to_slow_per_step"] == 0
+    if stats["budget_bytes"] >= stats["all_fast_peak_bytes"]:
+        assert stats["bytes_to_slow_per_step"] == 0  # nothing moves for nothing
+    else:  # a binding budget: bytes really move
+        assert stats["bytes_to_slow_per_step"] > 0 and stats["bytes_to_fast_per_step"] > 0
     sentinel.close()
 
 
@@ -102,7 +105,7 @@ def test_bf16_autocast_on_cpu():
 
 
 def test_budget_below_the_minimum_is_refused_with_the_minimum():
-    with pytest.raises(sh.SentinelError, match=r"smallest it can honour is .*B \(\d+%\)"):
+    with pytest.raises(sh.SentinelError, match=r"smallest it can honour is .*B \(\d+ bytes, \d+%\)"):
         train("mlp", "1%")
 
 

@@ -130,7 +130,7 @@ def make_plan(
             f"policy {policy} cannot honour a budget of {format_bytes(budget_bytes)} "
             f"({budget_bytes / trace.peak_bytes:.0%} of the all-fast peak) on "
             f"{ctx.hardware.name}: the smallest it can honour is {format_bytes(need)} "
-            f"({need / trace.peak_bytes:.0%}): raise the budget"
+            f"({need} bytes, {need / trace.peak_bytes:.0%}): raise the budget"
             + ("" if policy == "sentinel" else " or try policy=sentinel")
             + f"; {floor.describe('the smallest plan')}"
         )

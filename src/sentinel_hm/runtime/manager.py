@@ -59,7 +59,7 @@ from torch import nn
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.hardware import Access, Hardware
 from sentinel_hm.planning.model import Plan, Tier
-from sentinel_hm.planning.planner import context, make_plan, min_budget
+from sentinel_hm.planning.planner import context, explain_min_budget, make_plan, min_budget
 from sentinel_hm.planning.policies.sentinel import parse_interval_label
 from sentinel_hm.runtime.chunked_optimizer import (
     ChunkedStep,
@@ -183,6 +183,7 @@ class Sentinel:
         self._closure_seen = False
         self._audited_peaks: list[int] = []  # a plan measured at m fits a budget of m
         self._program_held: set[int] = set()  # saved storages the program itself kept
+        self._refused: int | None = None  # a budget below the floor, being measured
         # A plain warm-up step: the optimizer creates its state (the profiled step must look
         # like the steady ones), and its wall time calibrates the per-op overhead.
         self._phase = "warmup"
@@ -296,7 +297,19 @@ class Sentinel:
         else:
             self._budget = parse_budget(self.fast_memory, trace.peak_bytes)
         self._replans = 0
-        self._make_plan(trace, self._budget)
+        self._refused = None
+        try:
+            self._make_plan(trace, self._budget)
+        except SentinelError:
+            floor = min_budget(self._ctx, self.policy)  # remembered from the refusal
+            if self._budget >= floor:
+                raise
+            # NOTE [Measured budget]: the refusal quotes the smallest plan's measured peak, so
+            # the figure it names is one that holds; the trial step measures it
+            self._refused, self._budget = self._budget, floor
+            self._make_plan(trace, floor)
+            self._phase = "trial"
+            return
         self._start_trials()
 
     def _start_trials(self) -> None:
@@ -347,33 +360,33 @@ class Sentinel:
         """NOTE [Measured budget]."""
         measured = self._stats.audited_peak_fast_bytes
         assert measured is not None and self.trace is not None and self.plan is not None
-        if measured <= self._budget:
-            self._phase = "steady"
-            return
         held = self._program_held - self._ctx.fixed
-        if held:
+        if measured > self._budget and held:
             # evictions that freed nothing (the program holds those tensors): plan them as
-            # staying in fast memory, for the same budget
+            # staying in fast memory, and measure again
             self._ctx = dataclasses.replace(self._ctx, fixed=self._ctx.fixed | held,
                                             min_budgets={})
-            if self.fast_memory == "min":
+            if self.fast_memory == "min" or self._refused is not None:
                 self._budget = min(min_budget(self._ctx, self.policy), self.trace.peak_bytes)
             try:
                 self._make_plan(self.trace, self._budget)
                 return
             except SentinelError:
                 pass  # this budget cannot be met with them in fast memory: say so below
+        if self._refused is not None:
+            self._refuse(measured)
+        if measured <= self._budget:
+            self._phase = "steady"
+            return
         if self.fast_memory == "min" and self._replans == 0:
-            # the measured peak, rounded up to the planner's resolution (1/256 of the peak):
-            # a later step may allocate a few bytes more (a loss the loop keeps, say)
-            grain = max(1, self.trace.peak_bytes // 256)
-            self._budget = -(-measured // grain) * grain
-            self._stats.budget_bytes = self._budget
+            self._budget = self._stats.budget_bytes = self._rounded(measured)
             self._phase = "steady"
             return
         self._replans += 1
-        target = self.plan.budget_bytes - (measured - self._budget)
-        if self._replans <= MAX_REPLANS:
+        # lowered by the excess, but never below the smallest plan (measured next)
+        floor = min_budget(self._ctx, self.policy)
+        target = max(self.plan.budget_bytes - (measured - self._budget), floor)
+        if self._replans <= MAX_REPLANS and target < self.plan.budget_bytes:
             try:
                 self._make_plan(self.trace, target)
                 return
@@ -385,9 +398,34 @@ class Sentinel:
             f"{format_bytes(target)} that would correct for that"
         )
 
+    def _rounded(self, measured: int) -> int:
+        """A measured peak rounded up to the planner's resolution (1/256 of the peak): a later
+        step may allocate a few bytes more (a loss the loop keeps, say)."""
+        assert self.trace is not None
+        grain = max(1, self.trace.peak_bytes // 256)
+        return -(-measured // grain) * grain
+
+    def _refuse(self, measured: int) -> None:
+        """The budget asked for is below the smallest plan, which measured ``measured``."""
+        assert self.trace is not None and self._refused is not None
+        peak = self.trace.peak_bytes
+        asked, self._refused = self._refused, None
+        quote = max(self._rounded(measured), min_budget(self._ctx, self.policy))
+        where = explain_min_budget(self._ctx, self.policy).describe("the smallest plan")
+        self._restore()
+        self._phase = self._stats.phase = "profile"  # a new fast_memory is tried afresh
+        raise SentinelError(
+            f"fast_memory={self.fast_memory!r} ({format_bytes(asked)}, {asked / peak:.0%} of "
+            f"the all-fast peak) is below what this step can be held to: the smallest it can "
+            f"honour is {format_bytes(quote)} ({quote} bytes, {quote / peak:.0%}), the "
+            f"measured peak of its smallest plan: raise fast_memory; {where}. This step "
+            "trained normally"
+        )
+
     def _give_up(self, why: str) -> None:
         """NOTE [Measured budget]: everything back in fast memory, later steps run plain."""
         works = min(self._audited_peaks, default=None)
+        works = self._rounded(works) if works is not None else None
         peak = self.trace.peak_bytes if self.trace is not None else 0
         advice = (
             f"the smallest budget measured to work is {format_bytes(works)}"
