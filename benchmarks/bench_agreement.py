@@ -71,7 +71,10 @@ def main() -> int:
                "predicted_stall_s": sentinel.prediction.stall_s,
                "steady_steps": len(sentinel.steady_step_times),
                "audited_peak_fast_bytes": st["audited_peak_fast_bytes"],
-               "budget_bytes": st["budget_bytes"], "chosen_interval": st["chosen_interval"]}
+               "budget_bytes": st["budget_bytes"], "chosen_interval": st["chosen_interval"],
+               # what the prediction rests on: the warm-up step calibrates the per-op overhead
+               "trials": st["trials"], "warmup_step_s": sentinel._plain_step_s,
+               "op_overhead_s": sentinel._ctx.hardware.op_overhead_s}
         row["error"] = (row["predicted_step_s"] - row["measured_step_s"]) / row["measured_step_s"]
         sentinel.close()
         return row

@@ -102,7 +102,8 @@ def main() -> int:
             row.update(audit=audit, **{k: st[k] for k in (
                 "phase", "budget_bytes", "all_fast_peak_bytes", "audited_peak_fast_bytes",
                 "median_stall_s", "bytes_to_slow_per_step", "bytes_to_fast_per_step",
-                "predicted_step_s", "chosen_interval", "mismatches")})
+                "predicted_step_s", "predicted_peak_fast_bytes", "planned_for_bytes",
+                "chosen_interval", "mismatches")})
         if refused is None and budget == "min":
             trace, ctx = sentinel.trace, sentinel._ctx
             start = time.perf_counter()
