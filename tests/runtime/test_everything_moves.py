@@ -15,7 +15,7 @@ from torch import nn
 import sentinel_hm as sh
 from sentinel_hm.workloads import Workload, cnn, gpt, lstm, make_workload, mlp
 
-from .test_sentinel import CONFIGS, assert_same
+from .test_sentinel import CONFIGS, assert_same, assert_steady_within_budget
 
 
 class TiedLM(nn.Module):
@@ -134,11 +134,7 @@ def _check(make: Callable[[int], Workload], budget: str, **kw) -> sh.Sentinel:
         pytest.skip(f"{budget} is below the plan's floor here: {e}")
     assert_same(plain_losses, losses)
     assert_same(plain_state, state)
-    stats = sentinel.stats()
-    assert stats["phase"] == "steady" and not stats["mismatches"]
-    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
-    if stats["budget_bytes"] < stats["all_fast_peak_bytes"]:
-        assert stats["bytes_to_slow_per_step"] > 0 and stats["bytes_to_fast_per_step"] > 0
+    assert_steady_within_budget(sentinel)
     return sentinel
 
 

@@ -68,15 +68,20 @@ def test_bitwise_equal_and_within_budget(name, budget):
         pytest.skip(f"{name} at {budget} is below the plan's floor: {e}")
     assert_same(plain_losses, losses)
     assert_same(plain_params, params)
+    assert_steady_within_budget(sentinel)
+    sentinel.close()
+
+
+def assert_steady_within_budget(sentinel: sh.Sentinel) -> None:
+    """Steady, matched, the last audit (a fresh steady step, not the trial that set a "min"
+    budget) within budget; bytes move exactly when the budget binds."""
     stats = sentinel.stats()
     assert stats["phase"] == "steady" and not stats["mismatches"]
-    # the last step's audit is a fresh steady step, not the trial that set a "min" budget
     assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
     if stats["budget_bytes"] >= stats["all_fast_peak_bytes"]:
         assert stats["bytes_to_slow_per_step"] == 0  # nothing moves for nothing
     else:  # a binding budget: bytes really move
         assert stats["bytes_to_slow_per_step"] > 0 and stats["bytes_to_fast_per_step"] > 0
-    sentinel.close()
 
 
 @pytest.mark.parametrize("name", ["gpt", "cnn"])

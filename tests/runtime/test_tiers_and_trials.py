@@ -20,7 +20,7 @@ def test_bitwise_equal_on_a_throttled_link(budget):
         ours = train("gpt", budget, tiers=SLOW_LINK)
     except sh.SentinelError as e:
         assert budget == "20%" and "smallest it can honour" in str(e)
-        return
+        pytest.skip(f"20% is below the plan's floor on this link: {e}")
     assert_same(plain[0], ours[0])
     assert_same(plain[1], ours[1])
     stats = ours[2].stats()

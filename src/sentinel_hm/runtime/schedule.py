@@ -31,8 +31,6 @@ class StepEvents:
 
     def __init__(self) -> None:
         self.pack_order: list[int] = []
-        self.pack_op: list[int] = []
-        self.unpack_op: dict[int, int] = {}
         self.grad_ops: dict[str, list[int]] = {}  # parameter name -> op clock of each event
         self.pack_clock: list[int] = []  # op clock of every pack, in order (repeats too)
         self.unpack_clock: list[int] = []  # op clock of every unpack, in order
@@ -47,19 +45,14 @@ class StepEvents:
             if sid not in self._packed:
                 self._packed.add(sid)
                 self.pack_order.append(sid)
-                self.pack_op.append(clock)
         else:
             self.unpack_clock.append(clock)
-            if sid not in self.unpack_op:
-                self.unpack_op[sid] = clock
 
 
 @dataclass(frozen=True)
 class Schedule:
     saved_order: tuple[int, ...]  # trace storage of the k-th distinct storage packed
     saved_nbytes: tuple[int, ...]
-    pack_op: tuple[int, ...]
-    unpack_op: dict[int, int]
     managed_saved: frozenset[int]
     states: dict[int, tuple[int, str]]  # trace storage -> (parameter index, state key)
     grads: dict[int, str]  # trace storage -> parameter name
@@ -79,13 +72,10 @@ class Schedule:
     @staticmethod
     def build(trace: Trace, plan: Plan, events: StepEvents) -> Schedule:
         storages = trace.storages
-        keep = [
-            (sid, clock)
-            for sid, clock in zip(events.pack_order, events.pack_op, strict=True)
-            if storages[sid].kind not in (Kind.PARAMETER, Kind.BUFFER)
-        ]
+        keep = [sid for sid in events.pack_order
+                if storages[sid].kind not in (Kind.PARAMETER, Kind.BUFFER)]
         managed = plan.managed
-        saved = frozenset(sid for sid, _ in keep if sid in managed)
+        saved = frozenset(sid for sid in keep if sid in managed)
         states: dict[int, tuple[int, str]] = {}
         for sid in managed:
             s = storages[sid]
@@ -111,11 +101,8 @@ class Schedule:
         optimizer_end = optimizer_ops[-1] + 1 if optimizer_ops else None
         chunks = trace.meta.get("optimizer_chunks")
         return Schedule(
-            saved_order=tuple(sid for sid, _ in keep),
-            saved_nbytes=tuple(storages[sid].nbytes for sid, _ in keep),
-            pack_op=tuple(clock for _, clock in keep),
-            unpack_op={sid: op for sid, op in events.unpack_op.items()
-                       if sid in saved or sid in params},
+            saved_order=tuple(keep),
+            saved_nbytes=tuple(storages[sid].nbytes for sid in keep),
             managed_saved=saved,
             states=states,
             grads=grads,
