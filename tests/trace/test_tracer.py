@@ -235,6 +235,21 @@ def test_profile_sessions_do_not_nest():
         sh.profile(lambda: None, model=Stack(), layers="repeated")
 
 
+def test_in_place_writes_bump_versions_under_the_tracer():
+    """Under a dispatch mode foreach in-place ops leave version counters alone (a PyTorch
+    fact); the tracer bumps them, so autograd's and the runtime's staleness checks hold."""
+    a, b, c = torch.ones(3), torch.ones(3), torch.ones(3)
+
+    def step() -> None:
+        with torch.no_grad():
+            torch._foreach_mul_([a, b], 2.0)  # what clip_grad_norm_ does to gradients
+            c.mul_(2.0)
+
+    sh.profile(step)
+    assert (a._version, b._version, c._version) == (1, 1, 1)
+    assert torch.equal(a, torch.full((3,), 2.0))
+
+
 def test_matches_plain_training_bitwise():
     """Profiling observes; it must not change what training computes."""
 

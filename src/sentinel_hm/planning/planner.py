@@ -29,11 +29,12 @@ def context(
     *,
     movable: frozenset[Kind] | None = None,
     stream_optimizer: bool = True,
+    clock: tuple[int, ...] | None = None,
 ) -> Context:
-    """What policies plan against; ``movable``/``stream_optimizer`` describe what the runtime
-    that will execute the plan can do (see `Context`)."""
+    """What policies plan against; ``movable``/``stream_optimizer``/``clock`` describe what
+    the runtime that will execute the plan can do (see `Context`)."""
     hw = parse_hardware(hardware) if isinstance(hardware, str) else hardware
-    return Context(trace, hw, CostModel(trace, hw), movable, stream_optimizer)
+    return Context(trace, hw, CostModel(trace, hw), movable, stream_optimizer, clock=clock)
 
 
 def check_policy(policy: str, hardware: Hardware) -> None:

@@ -12,7 +12,8 @@ The plan's fast-memory peak is a prediction; the trial step measures the real
 one. If it is over the budget (the program may hold a tensor a little longer
 than the trace suggested, an event may come a little after the planned op),
 the plan is made again for a budget lowered by the excess, and measured again,
-up to ``MAX_REPLANS`` times; after that the step raises `SentinelError`. With
+up to ``MAX_REPLANS`` times, the last time as the smallest plan; after that the
+step raises `SentinelError`. With
 ``fast_memory="min"`` the budget is the measured peak of the smallest plan,
 rounded up to 1/256 of the all-fast peak. Saved tensors the program itself
 holds (its input batch, say) free nothing when evicted; a trial step finds
@@ -285,7 +286,8 @@ class Sentinel:
         hw = self._calibrated(trace)
         movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
         streamed = "optimizer_chunks" in trace.meta
-        self._ctx = context(trace, hw, movable=movable, stream_optimizer=streamed)
+        self._ctx = context(trace, hw, movable=movable, stream_optimizer=streamed,
+                            clock=events.clock(trace))
         if self.fast_memory == "min":
             self._budget = min(min_budget(self._ctx, self.policy), trace.peak_bytes)
             if self._budget >= trace.peak_bytes:
@@ -383,9 +385,14 @@ class Sentinel:
             self._phase = "steady"
             return
         self._replans += 1
-        # lowered by the excess, but never below the smallest plan (measured next)
+        # lowered by the excess, but never below the smallest plan (measured next); when a
+        # correction did not lower the measured peak, or on the last try, the smallest plan
+        # itself (a refusal's quoted figure was measured on it)
         floor = min_budget(self._ctx, self.policy)
         target = max(self.plan.budget_bytes - (measured - self._budget), floor)
+        stuck = self._replans > 1 and measured >= self._audited_peaks[-2]
+        if stuck or self._replans == MAX_REPLANS:
+            target = floor
         if self._replans <= MAX_REPLANS and target < self.plan.budget_bytes:
             try:
                 self._make_plan(self.trace, target)

@@ -48,6 +48,20 @@ class StepEvents:
         else:
             self.unpack_clock.append(clock)
 
+    def clock(self, trace: Trace) -> tuple[int, ...]:
+        """Every op before which a steady step can act, sorted: the events above, the
+        optimizer's chunks (or its start, when it runs whole), its end and the step's end."""
+        chunks = trace.meta.get("optimizer_chunks")
+        chunk_ops = [int(op) for op in chunks] if isinstance(chunks, list) else []
+        ticks = {*self.pack_clock, *self.unpack_clock, *chunk_ops, len(trace.ops)}
+        ticks.update(op for ops in self.grad_ops.values() for op in ops)
+        optimizer = [op.index for op in trace.ops if op.phase is Phase.OPTIMIZER]
+        if optimizer:
+            ticks.add(optimizer[-1] + 1)
+            if not chunk_ops:
+                ticks.add(optimizer[0])
+        return tuple(sorted(ticks))
+
 
 @dataclass(frozen=True)
 class Schedule:

@@ -461,11 +461,25 @@ class Tracer:
         phase, layer = self._context()
         if self._sync_cuda:  # device time, not launch time: a profile may be slower
             torch.cuda.synchronize()
+        written_args = [args[position] if position < len(args) else kwargs.get(name)
+                        for position, name in info.written_args]
+        written = _tensors(written_args)
+        # NOTE [Versions under the tracer]: under a dispatch mode, ops that write a list of
+        # tensors in place (``_foreach_mul_``, as clip_grad_norm_ and optimizers use) leave
+        # their version counters unchanged (single-tensor in-place ops are counted after this
+        # handler returns), which would blind autograd's check and the runtime's (a stale
+        # copy would be swapped in): count those writes here
+        listed = [t for arg in written_args if isinstance(arg, list | tuple) for t in arg
+                  if isinstance(t, torch.Tensor)]
+        versions = [t._version for t in listed]
         start = time.perf_counter()
         out = func(*args, **kwargs)
         if self._sync_cuda:
             torch.cuda.synchronize()
         duration = time.perf_counter() - start
+        stale = [t for t, v in zip(listed, versions, strict=True) if t._version == v]
+        if stale:
+            torch.autograd.graph.increment_version(stale)
 
         reads: dict[int, None] = {}
         read_bytes = 0
@@ -482,13 +496,11 @@ class Tracer:
             if sid is not None and sid >= n_known:
                 writes[sid] = None
                 write_bytes += t.numel() * t.element_size()
-        for position, name in info.written_args:
-            arg = args[position] if position < len(args) else kwargs.get(name)
-            for t in _tensors(arg):
-                sid = self._storage_id(t, None)
-                if sid is not None and sid not in writes:
-                    writes[sid] = None
-                    write_bytes += t.numel() * t.element_size()
+        for t in written:
+            sid = self._storage_id(t, None)
+            if sid is not None and sid not in writes:
+                writes[sid] = None
+                write_bytes += t.numel() * t.element_size()
 
         flops = 0
         if info.count_flops is not None:

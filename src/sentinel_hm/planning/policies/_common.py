@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from sentinel_hm.errors import SentinelError
@@ -38,6 +38,9 @@ class Context:
     # interval lengths the sentinel policy may try, as (layers per interval, intervals per
     # layer); None: all of its candidates (a runtime's trials restrict it to one)
     interval_lengths: tuple[tuple[int, int], ...] | None = None
+    # ops before which a runtime can act (the events it sees: saves, unpacks, completed
+    # gradients, optimizer chunks), sorted; None: before any op. See NOTE [Runtime clock].
+    clock: tuple[int, ...] | None = None
     min_budgets: dict[str, int] = field(default_factory=dict, compare=False)  # planner's cache
 
     @cached_property
@@ -161,10 +164,26 @@ def empty_plan(
     moves: list[Move] | None = None,
     info: dict[str, object] | None = None,
 ) -> Plan:
-    """A plan for this context; moves are sorted by issue point (stable)."""
+    """A plan for this context; moves are sorted by issue point (stable).
+
+    Under a runtime's clock a move happens at the first event at or after its issue
+    point, so that is where the plan puts it: replaying the plan then holds memory as
+    long as the runtime will (an eviction planned inside an autograd node happens
+    when the node is done with its saved tensors).
+    """
     ordered = sorted(moves or (), key=lambda m: m.issue_at)
+    if ctx.clock is not None:  # moving to the clock keeps the order; repeats merge
+        ordered = list(dict.fromkeys(_on_clock(ctx, m) for m in ordered))
     return Plan(policy, ctx.hardware.name, budget, len(ctx.trace.ops), len(ctx.trace.storages),
                 placement=dict(placement or {}), moves=tuple(ordered), info=dict(info or {}))
+
+
+def _on_clock(ctx: Context, move: Move) -> Move:
+    clock = ctx.clock
+    assert clock is not None
+    i = bisect_left(clock, move.issue_at)
+    at = clock[i] if i < len(clock) else len(ctx.trace.ops)
+    return move if at == move.issue_at else replace(move, issue_at=at)
 
 
 def slow_homed(ctx: Context, s: StorageRecord) -> tuple[int, list[Move]]:
