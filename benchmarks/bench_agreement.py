@@ -8,7 +8,7 @@ emulated link: each copy takes at least latency + bytes / bandwidth, see
 tiers/throttled.py) at several bandwidths and budgets. For each case the
 simulator predicts the step from the same trace, plan and hardware (the emulated
 link is an exact description; op times are the profile's, with the per-op
-overhead calibrated from the plain warm-up step). Target: median absolute error
+overhead calibrated from the second plain warm-up step). Target: median absolute error
 of the step time at most 15% (each row also says whether its own error is).
 A budget the runtime refuses is a row marked refused, with its message: nothing
 falls back to another budget. Also measured in the same run (unless --no-stall):
@@ -73,7 +73,7 @@ def main() -> int:
                "audited_peak_fast_bytes": st["audited_peak_fast_bytes"],
                "budget_bytes": st["budget_bytes"], "chosen_interval": st["chosen_interval"],
                # what the prediction rests on: the warm-up step calibrates the per-op overhead
-               "trials": st["trials"], "warmup_step_s": sentinel._plain_step_s,
+               "trials": st["trials"], "warmup_steps_s": sentinel._plain_step_s,
                "op_overhead_s": sentinel._ctx.hardware.op_overhead_s}
         row["error"] = (row["predicted_step_s"] - row["measured_step_s"]) / row["measured_step_s"]
         sentinel.close()

@@ -79,7 +79,7 @@ def test_show_refuses_a_file_that_is_not_a_trace(tmp_path, capsys):
 
 def test_demo_trains_with_and_without_sentinel(tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["demo", "--size", "tiny", "--steps", "8", "--out-dir", str(out)])
+    code = main(["demo", "--size", "tiny", "--steps", "9", "--out-dir", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "losses bitwise equal" in printed and "yes" in printed

@@ -222,7 +222,7 @@ def test_a_budget_that_cannot_hold_names_one_that_does_and_training_goes_on():
             try:
                 with sentinel.step() if sentinel else contextlib.nullcontext():
                     # from the trial step on, the loop holds a large buffer during the step
-                    extra = torch.ones(1 << 20) if i >= 2 else None
+                    extra = torch.ones(1 << 20) if i >= 3 else None
                     wl.step()
                     del extra
             except sh.SentinelError as e:
@@ -253,9 +253,9 @@ def test_the_quoted_smallest_budget_trains_20_steady_steps(name, size):
     torch.manual_seed(0)
     wl = SIZES[size](name)
     sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory="1%", trials=0)
-    # refused after the trial step has measured the smallest plan (warm-up, profile, trial)
+    # refused after the trial step has measured the smallest plan (2 warm-up, profile, trial)
     with pytest.raises(sh.SentinelError, match="smallest it can honour") as refused:
-        for _ in range(3):
+        for _ in range(4):
             with sentinel.step():
                 wl.step()
     quoted = int(re.search(r"smallest it can honour is [^(]*\((\d+) bytes", str(refused.value))
@@ -265,13 +265,13 @@ def test_the_quoted_smallest_budget_trains_20_steady_steps(name, size):
     wl = SIZES[size](name)
     sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory=quoted, trials=0)
     steady = 0
-    for i in range(24):
-        if i in (6, 23):  # steady steps, after a trial (and a re-plan, if one is needed)
+    for i in range(25):
+        if i in (7, 24):  # steady steps, after a trial (and a re-plan, if one is needed)
             sentinel.audit()
         with sentinel.step():
             wl.step()
         steady += sentinel.stats()["phase"] == "steady"
-        if i in (6, 23):
+        if i in (7, 24):
             stats = sentinel.stats()
             assert stats["phase"] == "steady"
             assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"] == quoted

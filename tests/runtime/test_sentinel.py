@@ -159,7 +159,7 @@ def test_a_saved_tensor_modified_in_place_is_an_error():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sentinel = sh.Sentinel(model, opt, fast_memory="100%")
     x = torch.randn(128, 64)
-    for _ in range(2):
+    for _ in range(3):  # two warm-up steps and the profiled one
         with sentinel.step():
             model(x).backward()
             opt.step()

@@ -68,10 +68,10 @@ def _train(args: argparse.Namespace, sentinel_budget: str | None) -> _Run:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.steps < 8:
-        raise SentinelError(f"--steps {args.steps} is too few: Sentinel needs a warm-up, a "
-                            "profiled step, up to three trial steps and an audited step before "
-                            "steady steps; give 8 or more")
+    if args.steps < 9:
+        raise SentinelError(f"--steps {args.steps} is too few: Sentinel needs two warm-up "
+                            "steps, a profiled step, up to three trial steps and an audited step "
+                            "before steady steps; give 9 or more")
     plain = _train(args, None)
     ours = _train(args, args.budget)
     sentinel = ours.sentinel

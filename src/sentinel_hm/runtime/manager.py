@@ -1,7 +1,7 @@
 """`Sentinel`: profile the first step, plan, then run the plan in every later step.
 
-Phases: ``warmup`` (a plain step: the optimizer creates its state, and the
-step's time calibrates the cost model), ``profile`` (one step under the
+Phases: ``warmup`` (``WARMUP_STEPS`` plain steps: the optimizer creates its
+state, and the last one's time calibrates the cost model), ``profile`` (one step under the
 tracer), ``tune`` (test-and-trial: a few interval lengths, one step each),
 ``trial`` (the chosen plan runs in an audited step), ``steady`` (the plan
 runs). A step that does not match the profile runs without
@@ -80,6 +80,9 @@ from sentinel_hm.units import format_bytes, parse_budget
 
 ARENA_NAME = "sentinel: slow arena"
 MAX_REPLANS = 4
+# plain steps before the profiled one; the first pays one-off costs (optimizer state, fresh
+# memory), so the second is the one whose time calibrates the simulator
+WARMUP_STEPS = 2
 _MOVABLE = frozenset({Kind.SAVED_ACTIVATION, Kind.OPTIMIZER_STATE, Kind.GRADIENT,
                       Kind.PARAMETER})
 
@@ -185,10 +188,11 @@ class Sentinel:
         self._audited_peaks: list[int] = []  # a plan measured at m fits a budget of m
         self._program_held: set[int] = set()  # saved storages the program itself kept
         self._refused: int | None = None  # a budget below the floor, being measured
-        # A plain warm-up step: the optimizer creates its state (the profiled step must look
-        # like the steady ones), and its wall time calibrates the per-op overhead.
+        # Plain warm-up steps: in the first the optimizer creates its state (the profiled step
+        # must look like the steady ones) and the allocator touches fresh memory; the wall
+        # time of the last calibrates the per-op overhead.
         self._phase = "warmup"
-        self._plain_step_s: float | None = None
+        self._plain_step_s: list[float] = []
         self._audit_next = False
         self._audit_trace: Trace | None = None
         self._events = StepEvents()
@@ -214,8 +218,9 @@ class Sentinel:
             device = getattr(self.tiers, "device", None)
             if device is not None:  # GPU work is asynchronous: time it to its end
                 torch.cuda.synchronize(device)
-            self._plain_step_s = time.perf_counter() - start
-            self._phase = "profile"
+            self._plain_step_s.append(time.perf_counter() - start)
+            if len(self._plain_step_s) == WARMUP_STEPS:
+                self._phase = "profile"
         elif phase == "profile":
             yield from self._profile_step()
         else:
@@ -445,14 +450,13 @@ class Sentinel:
                             "Sentinel (everything is back in fast memory)")
 
     def _calibrated(self, trace: Trace) -> Hardware:
-        """The tiers' hardware model, with the per-op framework overhead measured: the plain
-        warm-up step's wall time minus the profiled step's op times, per op (the optimizer
-        creating its state in the warm-up makes this an upper bound)."""
+        """The tiers' hardware model, with the per-op framework overhead measured: the last
+        plain warm-up step's wall time minus the profiled step's op times, per op."""
         hw = self.tiers.hardware()
-        if self._plain_step_s is None or not trace.ops or not hw.measured_op_times:
+        if not self._plain_step_s or not trace.ops or not hw.measured_op_times:
             return hw
         ops_s = sum(op.duration_s for op in trace.ops)
-        overhead = max(0.0, (self._plain_step_s - ops_s) / len(trace.ops))
+        overhead = max(0.0, (self._plain_step_s[-1] - ops_s) / len(trace.ops))
         return dataclasses.replace(hw, op_overhead_s=overhead)
 
     def _make_plan(self, trace: Trace, target: int) -> None:
