@@ -46,7 +46,7 @@ def main() -> int:
     import torch
 
     import sentinel_hm as sh
-    from sentinel_hm.planning.planner import context, min_budget
+    from sentinel_hm.planning.planner import context, explain_min_budget, min_budget
     from sentinel_hm.workloads import make_workload
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -110,8 +110,12 @@ def main() -> int:
             row["planner_floor_bytes"] = min_budget(context(trace, ctx.hardware), "sentinel")
             # the runtime's own context (what it can move, what the program holds), with
             # every interval length (its trials narrowed it to the chosen one)
-            row["runtime_floor_bytes"] = min_budget(
-                dataclasses.replace(ctx, interval_lengths=None, min_budgets={}), "sentinel")
+            every_length = dataclasses.replace(ctx, interval_lengths=None, min_budgets={})
+            row["runtime_floor_bytes"] = min_budget(every_length, "sentinel")
+            # where each floor's smallest plan peaks, and what the runtime's rules keep there
+            row["runtime_floor_peak"] = explain_min_budget(every_length, "sentinel").summary()
+            row["planner_floor_peak"] = explain_min_budget(
+                context(trace, ctx.hardware), "sentinel").summary()
             # as the runtime holds it after its trials: the chosen interval length only
             try:
                 row["runtime_floor_chosen_interval_bytes"] = min_budget(ctx, "sentinel")
@@ -191,6 +195,7 @@ def report(args: argparse.Namespace, env: dict[str, Any], floors: list[dict[str,
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     targets: list[str] = []
     refusals: list[str] = []
+    peaks: list[str] = []  # why a floor is above the planner's
     for r in floors:
         label = f"{r['workload']}/{size}"
         if r["refused"]:
@@ -213,6 +218,9 @@ def report(args: argparse.Namespace, env: dict[str, Any], floors: list[dict[str,
         targets.append(f"- {label} \"min\" within {MAX_FLOOR_GAP * 100:.0f} points of the "
                        f"planner ({_pct(planner)}): {gap * 100:+.1f} points: "
                        f"{_mark(gap <= MAX_FLOOR_GAP)}")
+        if gap > MAX_FLOOR_GAP:
+            peaks.append(f"- {label}: the runtime's smallest plan peaks at "
+                         f"{r['runtime_floor_peak']}; the planner's at {r['planner_floor_peak']}")
         targets.append(f"- {label} \"min\" audited later step within budget: "
                        f"{_audited(r)} of {r['budget_bytes'] / MIB:.1f} MiB: "
                        f"{_mark(_within_budget(r))}; bitwise {_bitwise(r)}: "
@@ -221,6 +229,9 @@ def report(args: argparse.Namespace, env: dict[str, Any], floors: list[dict[str,
               "can move; storages the program holds stay fast), every interval length. Planner "
               "full-movability floor: `min_budget(context(trace, hw), \"sentinel\")` on the same "
               "trace and the runtime's calibrated hardware.", "",
+              *(["Where \"min\" misses the planner's floor, what fills each smallest plan's "
+                 "peak (\"cannot move\": bytes the runtime's rules keep in fast memory there):",
+                 "", *peaks, ""] if peaks else []),
               "## Fixed budgets", "",
               "| workload | budget | plain (ms) | Sentinel (ms) | ratio | n | budget (MiB, % of "
               "peak) | audited later step (MiB, %) | within budget | bitwise | out / in per "

@@ -222,3 +222,23 @@ def test_the_floor_is_explained_once_per_context():
     del ctx
     gc.collect()
     assert key not in planner._FLOORS
+
+
+def test_a_runtime_floor_names_what_its_rules_keep_in_fast_memory():
+    # the MLP's smallest runtime plan peaks in backward: the gradients flowing between
+    # layers are temporaries no hook reaches, the input batch is the program's, and what an
+    # autograd node unpacked stays until the node ends (the runtime acts at its events)
+    wl = make_workload("mlp", "tiny")
+    sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory="min", trials=0)
+    for _ in range(3):  # two warm-up steps, then the profiled one
+        with sentinel.step():
+            wl.step()
+    ctx = sentinel._ctx
+    e = explain_min_budget(ctx, "sentinel")
+    assert e.unmovable_bytes and sum(e.unmovable_bytes.values()) <= e.fast_bytes
+    assert any("out of the runtime's reach" in why for why in e.unmovable_bytes)
+    assert "cannot move: " in e.summary()
+    # with every storage movable and no clock, no rule keeps anything
+    full = explain_min_budget(context(ctx.trace, ctx.hardware), "sentinel")
+    assert full.unmovable_bytes == {} and "cannot move" not in full.summary()
+    sentinel.close()

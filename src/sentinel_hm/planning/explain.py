@@ -9,13 +9,15 @@ it) does. The figures come from replaying the plan (`simulate` with
 
 from __future__ import annotations
 
+import dataclasses
+from bisect import bisect_right
 from dataclasses import dataclass
 
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.model import Plan
+from sentinel_hm.planning.model import Plan, Tier
 from sentinel_hm.planning.policies import Context
 from sentinel_hm.sim.replay import SimResult, simulate
-from sentinel_hm.trace.model import Kind, Phase
+from sentinel_hm.trace.model import Kind, Phase, StorageRecord
 from sentinel_hm.units import format_bytes
 
 _LABELS = {
@@ -45,6 +47,9 @@ class PeakExplanation:
     layer: str  # the layer's name, or "no layer"
     fast_bytes: int  # the simulator's occupancy during the op
     fast_bytes_by_kind: dict[Kind, int]  # every kind, summing to ``fast_bytes``
+    # fast bytes there that a rule of the context keeps from moving, by rule (a runtime's
+    # reach, tensors the program holds); empty when every long-lived storage may move
+    unmovable_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def activation_bytes(self) -> int:
@@ -75,8 +80,11 @@ class PeakExplanation:
         parts = ", ".join(f"{_LABELS[k]} {format_bytes(self.fast_bytes_by_kind[k])}"
                           for k in kinds)
         layer = self.layer if self.layer == "no layer" else f"layer {self.layer}"
+        rules = ", ".join(f"{format_bytes(n)} {why}" for why, n in
+                          sorted(self.unmovable_bytes.items(), key=lambda kv: -kv[1]))
         return (f"op {self.op} ({self.op_name}, {self.phase.value}, {layer}): "
-                f"{format_bytes(self.fast_bytes)} fast = {parts or 'nothing'}")
+                f"{format_bytes(self.fast_bytes)} fast = {parts or 'nothing'}"
+                + (f" (cannot move: {rules})" if rules else ""))
 
     def describe(self, subject: str = "the plan") -> str:
         """One line: ``<subject> peaks at <summary>; <hint>``."""
@@ -98,9 +106,43 @@ def explain_peak(ctx: Context, plan: Plan, result: SimResult | None = None) -> P
     snap = simulate(trace, plan, ctx.hardware, cost=ctx.cost, snapshot_at=op)
     assert snap.fast_at_snapshot is not None
     by_kind = dict.fromkeys(Kind, 0)
+    unmovable: dict[str, int] = {}
     storages = trace.storages
+    long_lived = {s.id for s in ctx.long_lived}
+    waiting = _waiting_for_the_clock(ctx, plan, op)
     for sid, nbytes in snap.fast_at_snapshot.items():
-        by_kind[storages[sid].kind] += nbytes
+        s = storages[sid]
+        by_kind[s.kind] += nbytes
+        why = None
+        if sid in long_lived and not ctx.may_move(s):
+            why = _unmovable_because(ctx, s)
+        elif sid in waiting:
+            why = ("waiting for the runtime's next event (autograd releases what a node "
+                   "unpacked when the node ends)")
+        if why is not None:
+            unmovable[why] = unmovable.get(why, 0) + nbytes
     record = trace.ops[op]
     layer = "no layer" if record.layer is None else trace.layers[record.layer].name
-    return PeakExplanation(op, record.name, record.phase, layer, snap.fast_bytes[op], by_kind)
+    return PeakExplanation(op, record.name, record.phase, layer, snap.fast_bytes[op], by_kind,
+                           unmovable)
+
+
+def _waiting_for_the_clock(ctx: Context, plan: Plan, op: int) -> set[int]:
+    """Storages used before ``op``, not by it, whose eviction the runtime's clock puts after
+    it: the plan could not move them earlier (see `Context.clock`)."""
+    clock = ctx.clock
+    if clock is None:
+        return set()
+    i = bisect_right(clock, op)
+    tick = clock[i] if i < len(clock) else len(ctx.trace.ops)
+    return {m.storage for m in plan.moves
+            if m.to is Tier.SLOW and m.issue_at == tick and op not in ctx.uses[m.storage]
+            and min(ctx.uses[m.storage], default=op) < op}
+
+
+def _unmovable_because(ctx: Context, s: StorageRecord) -> str:
+    """The rule that keeps a long-lived storage from moving under ``ctx``."""
+    if s.id in ctx.fixed or (s.kind is Kind.SAVED_ACTIVATION and s.saved):
+        return "held by the program (moving it would free nothing)"
+    return (f"{_LABELS[s.kind]} out of the runtime's reach (it moves saved tensors, parameters, "
+            "gradients and optimizer state)")
