@@ -8,7 +8,7 @@ emulated link: each copy takes at least latency + bytes / bandwidth, see
 tiers/throttled.py) at several bandwidths and budgets. For each case the
 simulator predicts the step from the same trace, plan and hardware (the emulated
 link is an exact description; op times are the profile's, with the per-op
-overhead calibrated from the second plain warm-up step). Target: median absolute error
+overhead calibrated from the faster plain warm-up step). Target: median absolute error
 of the step time at most 15% (each row also says whether its own error is).
 A budget the runtime refuses is a row marked refused, with its message: nothing
 falls back to another budget. Also measured in the same run (unless --no-stall):

@@ -1,8 +1,8 @@
 """`Sentinel`: profile the first step, plan, then run the plan in every later step.
 
 Phases: ``warmup`` (``WARMUP_STEPS`` plain steps: the optimizer creates its
-state, and the last one's time calibrates the cost model), ``profile`` (one step under the
-tracer), ``tune`` (test-and-trial: a few interval lengths, one step each),
+state, and the fastest one's time calibrates the cost model), ``profile``
+(one step under the tracer), ``tune`` (test-and-trial: a few interval lengths, one step each),
 ``trial`` (the chosen plan runs in an audited step), ``steady`` (the plan
 runs). A step that does not match the profile runs without
 migrations and the next step is profiled again.
@@ -81,7 +81,7 @@ from sentinel_hm.units import format_bytes, parse_budget
 ARENA_NAME = "sentinel: slow arena"
 MAX_REPLANS = 4
 # plain steps before the profiled one; the first pays one-off costs (optimizer state, fresh
-# memory), so the second is the one whose time calibrates the simulator
+# memory), so the fastest is the one whose time calibrates the simulator
 WARMUP_STEPS = 2
 _MOVABLE = frozenset({Kind.SAVED_ACTIVATION, Kind.OPTIMIZER_STATE, Kind.GRADIENT,
                       Kind.PARAMETER})
@@ -450,13 +450,14 @@ class Sentinel:
                             "Sentinel (everything is back in fast memory)")
 
     def _calibrated(self, trace: Trace) -> Hardware:
-        """The tiers' hardware model, with the per-op framework overhead measured: the last
-        plain warm-up step's wall time minus the profiled step's op times, per op."""
+        """The tiers' hardware model, with the per-op framework overhead measured: the fastest
+        plain warm-up step's wall time (the first pays one-off costs; on a shared machine
+        either may be slowed) minus the profiled step's op times, per op."""
         hw = self.tiers.hardware()
         if not self._plain_step_s or not trace.ops or not hw.measured_op_times:
             return hw
         ops_s = sum(op.duration_s for op in trace.ops)
-        overhead = max(0.0, (self._plain_step_s[-1] - ops_s) / len(trace.ops))
+        overhead = max(0.0, (min(self._plain_step_s) - ops_s) / len(trace.ops))
         return dataclasses.replace(hw, op_overhead_s=overhead)
 
     def _make_plan(self, trace: Trace, target: int) -> None:
