@@ -39,6 +39,14 @@ and rebuilt over the parameter's current storage when backward unpacks it, so
 the parameter can leave fast memory in between. A parameter moves by copying
 its bytes and swapping ``param.data``; identity, version counter and the
 optimizer's state keys survive the swap.
+
+NOTE [Checkpoints]
+Between steps, parameters and optimizer state in the slow tier are views of
+the slow arena, and ``torch.save`` writes a view's whole storage (the arena).
+Post-hooks on ``model.state_dict()`` and ``optimizer.state_dict()`` replace
+those views with copies that own their bytes (in host memory), so a checkpoint
+has the size and contents it has without Sentinel and loads anywhere.
+``state_dict(keep_vars=True)`` returns the parameters themselves, unchanged.
 """
 
 from __future__ import annotations
@@ -202,6 +210,14 @@ class Sentinel:
         self._stats = Stats(self._phase, self.tiers.name, policy)
         self._audit_trace_fresh = False  # the step just run was audited (slow: not timed)
         self._warned = False
+        # NOTE [Checkpoints]: a tensor in the slow tier is a view of the arena, and torch.save
+        # writes a view's whole storage; state dicts get compact copies of those instead
+        self._state_dict_hooks = [
+            model.register_state_dict_post_hook(
+                lambda _m, state, _prefix, _meta: self._compact(state)),
+            optimizer.register_state_dict_post_hook(
+                lambda _o, state: self._compact(state["state"])),
+        ]
 
     # -- public --------------------------------------------------------------------------------
 
@@ -262,6 +278,19 @@ class Sentinel:
         self._restore()
         self.mover.close()
         self.tiers.close()
+        for h in self._state_dict_hooks:
+            h.remove()
+        self._state_dict_hooks = []
+
+    def _compact(self, state: dict[Any, Any]) -> None:
+        """NOTE [Checkpoints]: arena views in a state dict (nested one level, as the
+        optimizer's per-parameter state is) become copies that own their bytes."""
+        for key, value in state.items():
+            if isinstance(value, dict):
+                self._compact(value)
+            elif (isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+                  and self.tiers.is_slow(value.untyped_storage())):
+                state[key] = value.clone()
 
     # -- phases --------------------------------------------------------------------------------
 
