@@ -19,14 +19,22 @@ NOTE [Sentinel planning]
    of taken gaps that cover j. Intervals are visited in order; while one is
    over budget, the gap covering it whose storage is needed again farthest in
    the future is taken (Belady: evict what is not needed for longest).
-5. Direct access only: if gaps are not enough, candidates are placed in slow
-   memory for their whole life and read in place, coldest first (fewest bytes
-   accessed per byte stored), until every interval fits.
-6. ``k`` is chosen by planning each candidate length and simulating the plan;
-   the fastest feasible plan wins. The plan of doing nothing clever is a
-   candidate too (direct access: the OS's first-touch placement; migrate
-   access: fetch on use), so Sentinel is never predicted slower than that.
-   All candidates' predicted times are kept in ``plan.info["search"]``.
+5. Direct access only: if gaps are not enough, candidates stay in slow memory
+   and ops use them in place, either for their whole life or only after one of
+   their taken gaps (its prefetch is dropped: the uses before it stay fast, so
+   e.g. a saved activation is written fast in forward, evicted by the link, and
+   read in place in backward). Each choice is priced by the compute time that
+   the cost model adds to the ops using the storage in place, per byte; the
+   cheapest go first, each only while it frees bytes in an interval still over
+   the budget, until every interval fits.
+6. ``k`` (a sixteenth of a layer to 16 layers) is chosen by planning each
+   candidate length and simulating the plan (under a runtime's clock, moves
+   happen at its events: see `empty_plan`); the fastest feasible plan wins.
+   Lengths that cut the step at the same ops are tried once. The plan of doing
+   nothing clever is a candidate too (direct access: the OS's first-touch
+   placement; migrate access: fetch on use), so Sentinel is never predicted
+   slower than that. All candidates' predicted times are kept in
+   ``plan.info["search"]``.
 The planned occupancy is an estimate; the simulator replays the plan with the
 budget as a hard capacity (copies wait for room), so the prediction honours it.
 """
@@ -50,8 +58,13 @@ from sentinel_hm.planning.policies._common import (
 from sentinel_hm.trace.model import StorageRecord
 from sentinel_hm.units import format_bytes
 
-# (layers per interval, intervals per layer): quarter and half layers, then runs of layers
-CANDIDATE_LENGTHS = ((1, 4), (1, 2), (1, 1), (2, 1), (3, 1), (4, 1), (6, 1), (8, 1), (12, 1), (16, 1))
+# (layers per interval, intervals per layer): parts of a layer down to a sixteenth, then runs
+# of layers. A "layer" is whatever module the trace found: a whole ResNet stage (dozens of
+# ops, tens of MiB saved) is one, and a plan that prefetches one interval ahead holds two
+# intervals' data at once, so such a layer needs fine cuts (chunks() stops at one op each).
+CANDIDATE_LENGTHS = (
+    (1, 16), (1, 8), (1, 4), (1, 2), (1, 1), (2, 1), (3, 1), (4, 1), (6, 1), (8, 1), (12, 1), (16, 1)
+)
 _REPLANS = 4  # plan-and-replay rounds per interval length
 
 
@@ -124,22 +137,33 @@ def plan_intervals(
     taken_gaps: set[_Gap] = set()
     heap: list[tuple[int, int, int, _Gap, int]] = []  # (-end, tiebreak, start, gap, end)
     counter = 0
+    # A taken gap frees its bytes from interval j (or its start) to its end: kept as
+    # differences, summed as j advances (the part of a gap already behind j freed
+    # intervals we no longer check).
+    freed = [0] * (n_iv + 1)
+    running = 0
     for j in range(n_iv):
+        running += freed[j]
         for gap in gaps_by_start[j]:
             for lo, hi in gap.covers:
                 if lo == j:
                     heapq.heappush(heap, (-hi, counter, j, gap, hi))
                     counter += 1
-        while occ[j] > target and heap:
+        while occ[j] - running > target and heap:
             _, _, _, gap, hi = heapq.heappop(heap)
             if hi < j or gap in taken_gaps:
                 continue
             taken_gaps.add(gap)
             taken.setdefault(gap.storage, []).append(gap)
             for a, b in gap.covers:
-                for x in range(max(a, j), b + 1):
-                    occ[x] -= gap.nbytes
-            # the part of this gap already behind us freed intervals we no longer check
+                if b < j:
+                    continue
+                if a <= j:
+                    running += gap.nbytes
+                else:
+                    freed[a] += gap.nbytes
+                freed[b + 1] -= gap.nbytes
+        occ[j] -= running
     placement: dict[int, int] = {}
     cold_moves: list[Move] = []  # read in place from the interval after their creation
     info: dict[str, object] = {
@@ -147,10 +171,10 @@ def plan_intervals(
         "intervals": n_iv,
     }
     if max(occ, default=0) > target and ctx.hardware.access is Access.DIRECT:
-        _place_cold_in_slow(ctx, starts, occ, target, taken, placement, cold_moves)
+        slow = _place_cold_in_slow(ctx, starts, occ, target, taken, placement, cold_moves)
         # what stays in slow memory and is read there: where the plan pays in compute time
         in_place: dict[str, int] = {}
-        for sid in [*placement, *(m.storage for m in cold_moves)]:
+        for sid in sorted(slow):
             s = ctx.trace.storages[sid]
             in_place[s.kind.value] = in_place.get(s.kind.value, 0) + s.nbytes
         info["read_in_place_bytes"] = in_place
@@ -176,43 +200,76 @@ def _place_cold_in_slow(
     taken: dict[int, list[_Gap]],
     placement: dict[int, int],
     evictions: list[Move],
-) -> None:
-    """Direct access: keep candidates in slow memory for their whole life, read in place.
+) -> set[int]:
+    """Direct access: leave candidates in slow memory and let ops use them in place.
 
-    Only candidates that hold fast memory in an interval still over the target
-    qualify (a gap may already free them there); the coldest go first.
+    Two ways per candidate: its whole life in slow memory, or only from the end of
+    one of its taken gaps on (the gap's prefetch is dropped: later uses read it in
+    place, the uses before the gap stay fast). Each way is priced by the compute
+    time its in-place accesses add (the cost model's direct time of each op that
+    touches it there, minus the op's base time), per byte it frees; the cheapest
+    go first. A way qualifies only while it frees a byte in an interval still over
+    the target. Returns the storages read in place.
     """
-    trace = ctx.trace
+    cost = ctx.cost
+    n_iv = len(starts)
 
-    def density(s: StorageRecord) -> float:
-        accessed = sum(trace.ops[op].read_bytes + trace.ops[op].write_bytes for op in ctx.uses[s.id])
-        return accessed / s.nbytes
+    def added_s(sid: int, from_op: int) -> float:
+        return sum(max(0.0, cost.direct_time(op, {sid: 1.0}) - cost.base_s[op])
+                   for op in ctx.uses[sid] if op >= from_op)
 
-    spans = {}
+    spans: dict[int, tuple[int, int, bool]] = {}
+    ways: list[tuple[float, int, int, int]] = []  # (s per byte, order, storage, slow from iv)
     for s in ctx.managed_candidates:
         start, end = ctx.live_range(s)
-        spans[s.id] = (interval_of(starts, start), interval_of(starts, end))
-    for s in sorted(ctx.managed_candidates, key=density):
-        over = [j for j, o in enumerate(occ) if o > target]
-        if not over:
-            return
-        lo, hi = spans[s.id]
-        covered = {x for gap in taken.get(s.id, ()) for a, b in gap.covers for x in range(a, b + 1)}
+        lo, hi = interval_of(starts, start), interval_of(starts, end)
         # A runtime cannot make an op write its output into the slow tier: what the step
         # creates is born fast and leaves at the next interval (an OS could place it at once).
         born_fast = ctx.movable is not None and s.created_at is not None
         first = lo + 1 if born_fast else lo
-        if not any(first <= j <= hi and j not in covered for j in over):
+        spans[s.id] = (first, hi, born_fast)
+        froms = {first} | {g.fetch_iv for g in taken.get(s.id, ())
+                           if g.fetch_iv is not None and not g.wraps and first < g.fetch_iv <= hi}
+        for iv in froms:
+            if iv < n_iv:
+                ways.append((added_s(s.id, starts[iv]) / s.nbytes, len(ways), s.id, iv))
+    ways.sort()
+    slow_from: dict[int, int] = {}  # storage -> first interval it stays slow in, to its end
+    for _, _, sid, iv in ways:
+        over = [j for j, o in enumerate(occ) if o > target]
+        if not over:
+            break
+        first, hi, _ = spans[sid]
+        done = slow_from.get(sid, hi + 1)
+        if iv >= done:
             continue
-        for x in range(first, hi + 1):
-            if x not in covered:
-                occ[x] -= s.nbytes
-        taken.pop(s.id, None)
-        if born_fast:
-            if first <= hi:
-                evictions.append(Move(s.id, Tier.SLOW, starts[first], s.nbytes))
-        else:
-            placement[s.id] = 0
+        nbytes = ctx.trace.storages[sid].nbytes
+        covered = {x for gap in taken.get(sid, ()) for a, b in gap.covers for x in range(a, b + 1)}
+        freed = [x for x in range(iv, done) if x not in covered]
+        if not any(occ[x] > target for x in freed):
+            continue
+        for x in freed:
+            occ[x] -= nbytes
+        slow_from[sid] = iv
+    for sid, iv in slow_from.items():
+        first, _, born_fast = spans[sid]
+        nbytes = ctx.trace.storages[sid].nbytes
+        if iv == first:
+            taken.pop(sid, None)
+            if born_fast:
+                evictions.append(Move(sid, Tier.SLOW, starts[first], nbytes))
+            else:
+                placement[sid] = 0
+            continue
+        # keep the gaps before iv; the gap whose prefetch was at iv keeps only its eviction
+        kept = []
+        for gap in taken[sid]:
+            if gap.fetch_iv is not None and gap.fetch_iv < iv:
+                kept.append(gap)
+            elif gap.fetch_iv == iv:
+                kept.append(replace(gap, fetch_iv=None))
+        taken[sid] = kept
+    return set(slow_from)
 
 
 @register("sentinel")
@@ -226,8 +283,14 @@ def sentinel(ctx: Context, budget: int) -> Plan:
     lowest_planned = None
     all_fast_s = sum(ctx.cost.base_s)  # no plan can beat compute alone
     worse = 0  # feasible candidates in a row slower than the best: longer ones rarely recover
+    # Lengths that cut the step at the same ops are one candidate (a layer of few ops cannot
+    # be split finer than its ops): it is tried once, named by the coarsest length giving it.
+    distinct: dict[tuple[int, ...], tuple[int, int]] = {}
     for k, splits in ctx.interval_lengths or CANDIDATE_LENGTHS:
-        if k > 2 * n_layers or worse >= 2 or (best and best[0] <= all_fast_s * (1 + 1e-9)):
+        if k <= 2 * n_layers:
+            distinct[ctx.interval_starts(k, splits)] = (k, splits)  # keeps the first's place
+    for k, splits in distinct.values():
+        if worse >= 2 or (best and best[0] <= all_fast_s * (1 + 1e-9)):
             break
         label = str(k) if splits == 1 else f"1/{splits}"
         # The planned occupancy is an estimate (evictions take time to free memory); when the

@@ -1,0 +1,78 @@
+"""Sentinel policy choices: intervals finer than a quarter layer, and in-place reads after a gap."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import sentinel_hm as sh
+from sentinel_hm.planning.hardware import Access
+from sentinel_hm.planning.model import Move, Tier
+from sentinel_hm.planning.planner import context
+from sentinel_hm.trace.model import Kind, Phase
+
+from .tracegen import Builder, MiB, hardware
+
+
+def one_big_layer(n_ops: int = 16) -> sh.Trace:
+    """One layer of ``n_ops`` ops, each saving 1 MiB for backward (a ResNet stage found as
+    one module): forward op i saves A_i, backward reads A_i and frees it, in reverse."""
+    b = Builder()
+    acts = [b.storage(MiB, Kind.SAVED_ACTIVATION, saved=True) for _ in range(n_ops)]
+    for i in range(n_ops):
+        b.op(Phase.FORWARD, 0, reads=acts[i - 1 : i], creates=[acts[i]])
+    for i in reversed(range(n_ops)):
+        b.op(Phase.BACKWARD, 0, reads=[acts[i]], frees=[acts[i]])
+    return b.build(1)
+
+
+def test_a_big_layer_is_cut_finer_than_a_quarter():
+    # Prefetching one interval ahead holds two intervals' activations at once: a quarter of
+    # this layer (4 ops) needs 8 MiB, a sixteenth (one op) fits 3 MiB at all-fast speed.
+    hw = hardware(Access.MIGRATE)
+    trace = one_big_layer()
+    quarter = dataclasses.replace(context(trace, hw), interval_lengths=((1, 4),))
+    with pytest.raises(sh.SentinelError, match=r"smallest it can honour is 8\.0 MiB"):
+        sh.plan(trace, hw, 3 * MiB, "sentinel", ctx=quarter)
+    plan = sh.plan(trace, hw, 3 * MiB, "sentinel")
+    assert plan.info["layers_per_interval"] == 1 / 16
+    result = sh.simulate(trace, plan, hw)
+    assert result.peak_fast_bytes <= 3 * MiB and not result.overflow_bytes
+    assert result.step_s == pytest.approx(32e-3)  # 32 ops of 1 ms, nothing waits
+
+
+def chain_with_gradients(n_layers: int = 4) -> sh.Trace:
+    """Forward layer i saves A_i; backward layer i reads A_i and the incoming gradient G_i+1,
+    writes G_i, and frees A_i and G_i+1."""
+    b = Builder()
+    acts = [b.storage(MiB, Kind.SAVED_ACTIVATION, saved=True) for _ in range(n_layers)]
+    grads = [b.storage(MiB, Kind.TEMPORARY) for _ in range(n_layers)]
+    for i in range(n_layers):
+        b.op(Phase.FORWARD, i, reads=acts[i - 1 : i], creates=[acts[i]])
+    for i in reversed(range(n_layers)):
+        incoming = grads[i + 1 : i + 2]
+        b.op(Phase.BACKWARD, i, reads=[acts[i], *incoming], creates=[grads[i]],
+             frees=[acts[i], *incoming])
+    b.op(Phase.OTHER, None, reads=[grads[0]], frees=[grads[0]])
+    return b.build(n_layers)
+
+
+def test_direct_access_reads_in_place_only_after_the_gap():
+    # At 3 MiB, backward layer i holds A_i, G_i+1 and G_i; prefetching A_i-1 too is one MiB
+    # too many, so something must be used in slow memory in place. A0 and A1 are written and
+    # read fast in forward, evicted after, and read in place by b0 and b1 (no prefetch):
+    # only those two reads are slow. Keeping them slow for their whole life also slows
+    # the forward ops that write and read them.
+    hw = hardware(Access.DIRECT, slow_ratio=100)
+    trace = chain_with_gradients()
+    plan = sh.plan(trace, hw, 3 * MiB, "sentinel")
+    assert plan.placement == {}
+    assert set(plan.moves) == {Move(0, Tier.SLOW, 2, MiB), Move(1, Tier.SLOW, 3, MiB)}
+    result = sh.simulate(trace, plan, hw)
+    assert result.peak_fast_bytes <= 3 * MiB and not result.overflow_bytes
+    fast, slow = hw.fast.read_bytes_per_s, hw.slow.read_bytes_per_s
+    in_place_b = MiB / slow + MiB / fast + MiB / hw.fast.write_bytes_per_s  # A slow, G fast
+    assert result.step_s == pytest.approx(7e-3 + 2 * in_place_b)
+    whole_life = dataclasses.replace(plan, placement={0: 0, 1: 0}, moves=())
+    assert sh.simulate(trace, whole_life, hw).step_s > result.step_s + 10e-3
