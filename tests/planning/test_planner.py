@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import sentinel_hm as sh
 from sentinel_hm.planning.hardware import Access
 from sentinel_hm.planning.model import Move, Tier
+from sentinel_hm.planning.planner import context, min_budget
 
 from .tracegen import MiB, chain, hardware
 
@@ -70,3 +73,21 @@ def test_slow_link_stalls_exactly():
     c = MiB / (256 * MiB)
     assert result.stall_s == pytest.approx(c + (c - 1e-3))
     assert result.step_s == pytest.approx(6e-3 + result.stall_s)
+
+
+def test_a_runtime_moves_only_storages_on_the_fast_tiers_device():
+    # a CUDA runtime: activations on the GPU, one (Adam's step count, say) on the CPU
+    trace = chain(n_layers=6)
+    on_cpu = trace.storages[2]
+    trace = dataclasses.replace(trace, storages=tuple(
+        dataclasses.replace(s, device="cpu" if s.id == on_cpu.id else "cuda:0")
+        for s in trace.storages))
+    hw = hardware(Access.MIGRATE)
+    gpu = context(trace, hw, device="cuda:0")
+    assert not gpu.may_move(trace.storages[on_cpu.id]) and gpu.may_move(trace.storages[0])
+    for policy in ("sentinel", "all-slow"):
+        plan = sh.plan(trace, hw, min_budget(gpu, policy), policy, ctx=gpu)
+        assert on_cpu.id not in plan.managed
+        assert plan.managed  # the others still move
+    # without a device (the planner on its own) every storage may move
+    assert context(trace, hw).may_move(trace.storages[on_cpu.id])

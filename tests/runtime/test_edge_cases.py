@@ -3,6 +3,7 @@ break bitwise equality or the step matching."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import sentinel_hm as sh
@@ -135,3 +136,10 @@ class Scaled(torch.nn.Module):
 def test_a_parameter_only_the_optimizer_knows():
     check(Scaled, lambda m: torch.optim.SGD([*m.parameters(), m.__dict__["scale"]], lr=1e-2),
           lambda g: (torch.randn(512, 64, generator=g),), "min")
+
+
+def test_cuda_tiers_for_a_model_on_the_cpu_are_refused_at_construction():
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(sh.SentinelError, match=r"needs a model on a GPU.*tiers='host'"):
+        sh.Sentinel(model, opt, tiers="cuda")

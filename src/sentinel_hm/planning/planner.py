@@ -30,11 +30,13 @@ def context(
     movable: frozenset[Kind] | None = None,
     stream_optimizer: bool = True,
     clock: tuple[int, ...] | None = None,
+    device: str | None = None,
 ) -> Context:
-    """What policies plan against; ``movable``/``stream_optimizer``/``clock`` describe what
-    the runtime that will execute the plan can do (see `Context`)."""
+    """What policies plan against; ``movable``/``stream_optimizer``/``clock``/``device``
+    describe what the runtime that will execute the plan can do (see `Context`)."""
     hw = parse_hardware(hardware) if isinstance(hardware, str) else hardware
-    return Context(trace, hw, CostModel(trace, hw), movable, stream_optimizer, clock=clock)
+    return Context(trace, hw, CostModel(trace, hw), movable, stream_optimizer, clock=clock,
+                   device=device)
 
 
 def check_policy(policy: str, hardware: Hardware) -> None:

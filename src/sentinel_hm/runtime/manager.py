@@ -168,9 +168,11 @@ class Sentinel:
             raise SentinelError(f"trials={trials} is negative: give 0 (no trials) or more")
         self.trials = trials
         self._tune: list[tuple[str, float]] = []  # interval lengths still to try: (label, predicted)
-        if tiers == "auto" and any(p.is_cuda for p in model.parameters()):
-            tiers = "cuda"  # the model lives on a GPU: GPU memory is the fast tier
-        self.tiers = open_tiers(tiers)
+        # the fast tier is where the model lives (GPU memory for a model on a GPU)
+        self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if tiers == "auto" and self._device.type == "cuda":
+            tiers = "cuda"
+        self.tiers = open_tiers(tiers, self._device)
         # device tiers (CUDA) enqueue copies on their own streams instead of mover threads
         self.mover = Mover(device=self.tiers if hasattr(self.tiers, "submit") else None)
         self.trace: Trace | None = None
@@ -321,7 +323,7 @@ class Sentinel:
         movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
         streamed = "optimizer_chunks" in trace.meta
         self._ctx = context(trace, hw, movable=movable, stream_optimizer=streamed,
-                            clock=events.clock(trace))
+                            clock=events.clock(trace), device=str(self._device))
         if self.fast_memory == "min":
             self._budget = min(min_budget(self._ctx, self.policy), trace.peak_bytes)
             if self._budget >= trace.peak_bytes:

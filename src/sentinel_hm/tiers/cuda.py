@@ -37,8 +37,9 @@ _PROBE_BYTES = 64 << 20
 class CudaEventFuture:
     """What `Mover` hands back for a copy on a side stream: done when its event is."""
 
-    def __init__(self, event: torch.cuda.Event) -> None:
+    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
         self.event = event
+        self.device = device  # the model's GPU, not whichever is current
 
     def done(self) -> bool:
         return bool(self.event.query())
@@ -48,7 +49,7 @@ class CudaEventFuture:
 
     def wait_on_device(self) -> None:
         """Order the current (compute) stream after the copy, without blocking the host."""
-        torch.cuda.current_stream().wait_event(self.event)
+        torch.cuda.current_stream(self.device).wait_event(self.event)
 
 
 class CudaTiers:
@@ -107,7 +108,7 @@ class CudaTiers:
             work()
             event = torch.cuda.Event()
             event.record(side)
-        return CudaEventFuture(event)
+        return CudaEventFuture(event, self.device)
 
     def read_by(self, t: torch.Tensor, to: Tier) -> None:
         if t.is_cuda:

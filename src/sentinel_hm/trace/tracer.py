@@ -176,6 +176,8 @@ class Tracer:
         # on CUDA an op's duration is taken around a synchronisation (kernel time, not launch
         # time); asking whether CUDA is initialised does not initialise it
         self._sync_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        device = next((p.device for p in model.parameters()), None) if model else None
+        self._cuda_device = device if device is not None and device.type == "cuda" else None
 
     # -- session -------------------------------------------------------------------------------
 
@@ -460,7 +462,7 @@ class Tracer:
         self._clock = index
         phase, layer = self._context()
         if self._sync_cuda:  # device time, not launch time: a profile may be slower
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self._cuda_device)  # the model's GPU (None: current)
         written_args = [args[position] if position < len(args) else kwargs.get(name)
                         for position, name in info.written_args]
         written = _tensors(written_args)
@@ -475,7 +477,7 @@ class Tracer:
         start = time.perf_counter()
         out = func(*args, **kwargs)
         if self._sync_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self._cuda_device)  # the model's GPU (None: current)
         duration = time.perf_counter() - start
         stale = [t for t, v in zip(listed, versions, strict=True) if t._version == v]
         if stale:

@@ -41,6 +41,9 @@ class Context:
     # ops before which a runtime can act (the events it sees: saves, unpacks, completed
     # gradients, optimizer chunks), sorted; None: before any op. See NOTE [Runtime clock].
     clock: tuple[int, ...] | None = None
+    # the device of the fast tier ("cuda:0"): a runtime moves only storages there (a CUDA
+    # tier never moves the CPU scalars Adam counts its steps in); None: any storage
+    device: str | None = None
     min_budgets: dict[str, int] = field(default_factory=dict, compare=False)  # planner's cache
 
     @cached_property
@@ -65,7 +68,7 @@ class Context:
         )
 
     def may_move(self, s: StorageRecord) -> bool:
-        if s.id in self.fixed:
+        if s.id in self.fixed or (self.device is not None and s.device != self.device):
             return False
         if self.movable is None:
             return True
