@@ -233,9 +233,7 @@ class Sentinel:
             yield
         elif phase == "warmup":
             yield
-            device = getattr(self.tiers, "device", None)
-            if device is not None:  # GPU work is asynchronous: time it to its end
-                torch.cuda.synchronize(device)
+            self._synchronize()
             self._plain_step_s.append(time.perf_counter() - start)
             if len(self._plain_step_s) == WARMUP_STEPS:
                 self._phase = "profile"
@@ -245,6 +243,7 @@ class Sentinel:
             if phase == "trial":
                 self._audit_next = True
             yield from self._steady_step()
+            self._synchronize()  # trials and steady steps are timed to their end
             if phase == "tune" and self._phase == "tune":
                 self._next_trial(time.perf_counter() - start)
             elif phase == "trial" and self._phase == "trial":
@@ -283,6 +282,11 @@ class Sentinel:
         for h in self._state_dict_hooks:
             h.remove()
         self._state_dict_hooks = []
+
+    def _synchronize(self) -> None:
+        """GPU work is asynchronous: a step's time runs to the end of its kernels."""
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
 
     def _compact(self, state: dict[Any, Any]) -> None:
         """NOTE [Checkpoints]: arena views in a state dict (nested one level, as the

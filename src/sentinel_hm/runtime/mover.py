@@ -67,10 +67,14 @@ class Mover:
         self.stall_s += seconds
 
     def drain(self) -> None:
-        """Wait for every copy issued so far (not counted as stall: used between steps)."""
+        """Wait for every copy issued so far (not counted as stall: used between steps, so
+        that what the program reads between steps, such as optimizer state in pinned host
+        memory for ``torch.save``, is complete)."""
         pending, self._pending = self._pending, []
         for f in pending:
             f.result()
+        if self.device is not None:
+            self.device.synchronize_copies()
 
     def reset_counters(self) -> None:
         self.stall_s = 0.0

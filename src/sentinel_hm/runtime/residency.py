@@ -151,7 +151,11 @@ class SavedEntry:
 
         def work() -> None:
             if pending is not None:
-                pending.result()
+                # on a device stream: ordered after the eviction, the host does not block
+                if hasattr(pending, "wait_on_device"):
+                    pending.wait_on_device()
+                else:
+                    pending.result()
             if self.storage is not None:
                 return
             tiers.copy(fast, self.slot)

@@ -110,6 +110,11 @@ class CudaTiers:
             event.record(side)
         return CudaEventFuture(event, self.device)
 
+    def synchronize_copies(self) -> None:
+        """Block the host until every copy enqueued so far is done (between steps only)."""
+        for stream in self.streams.values():
+            stream.synchronize()
+
     def read_by(self, t: torch.Tensor, to: Tier) -> None:
         if t.is_cuda:
             t.record_stream(self.streams[to])
