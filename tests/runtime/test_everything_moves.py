@@ -99,7 +99,7 @@ STEPS = 7
 
 def _train(make: Callable[[int], Workload], fast_memory: str | int | None, *,
            schedule: bool = False, clip: bool = False, accumulate: int = 1,
-           steps: int = STEPS, trials: int = 0):
+           steps: int = STEPS, trials: int = 0, autocast: bool = False):
     wl = make(0)
     sched = torch.optim.lr_scheduler.StepLR(wl.optimizer, 2, 0.5) if schedule else None
     sentinel = (sh.Sentinel(wl.model, wl.optimizer, fast_memory=fast_memory, trials=trials)
@@ -110,7 +110,8 @@ def _train(make: Callable[[int], Workload], fast_memory: str | int | None, *,
             sentinel.audit()  # a fresh steady step, after the trial
         with sentinel.step() if sentinel else contextlib.nullcontext():
             for _ in range(accumulate):
-                loss = wl.model(*wl.make_batch())
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = wl.model(*wl.make_batch())
                 loss.backward()
                 losses.append(loss.detach())
             if clip:
@@ -157,6 +158,11 @@ def test_lr_scheduler_and_clip_grad_norm(budget):
 def test_gradient_accumulation_with_everything_moving(budget):
     _check(lambda seed: _tied(seed, OPTIMIZERS["adamw-for-loop"]), budget,
            accumulate=3).close()
+
+
+@pytest.mark.parametrize("budget", ["50%", "20%", "min"])
+def test_bf16_autocast_with_everything_moving(budget):
+    _check(lambda seed: _tied(seed, OPTIMIZERS["adamw-foreach"]), budget, autocast=True).close()
 
 
 @pytest.mark.parametrize("budget", ["50%", "20%", "min"])
