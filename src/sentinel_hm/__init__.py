@@ -4,8 +4,9 @@ Profile one step (`profile`), plan where each long-lived tensor lives (`plan`),
 predict the result (`simulate`), and migrate tensors ahead of need. Importing this package never initialises CUDA.
 """
 
+from sentinel_hm.core import Plan
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning import Plan, load_plan, save_plan
+from sentinel_hm.planning import load_plan, save_plan
 from sentinel_hm.planning import make_plan as plan
 from sentinel_hm.runtime import Sentinel
 from sentinel_hm.sim import SimResult, simulate

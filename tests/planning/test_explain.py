@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sentinel_hm as sh
+from sentinel_hm.core.hardware import Access
+from sentinel_hm.core.plan import Move, Plan, Tier
 from sentinel_hm.planning import planner
 from sentinel_hm.planning.explain import PeakExplanation, explain_peak
-from sentinel_hm.planning.hardware import Access
-from sentinel_hm.planning.model import Move, Plan, Tier
 from sentinel_hm.planning.planner import context, explain_min_budget, min_budget
 from sentinel_hm.planning.policies import DIRECT_ONLY, POLICIES
 from sentinel_hm.sim.replay import SimResult

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Access, Hardware
-from sentinel_hm.planning.presets import (
+from sentinel_hm.core.hardware import Access, Hardware
+from sentinel_hm.core.presets import (
     OVERRIDE_KEYS,
     PRESETS,
     hardware_from_dict,
     hardware_to_dict,
     parse_hardware,
 )
+from sentinel_hm.errors import SentinelError
 from sentinel_hm.units import (
     format_bandwidth,
     parse_bandwidth,

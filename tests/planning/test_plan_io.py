@@ -7,7 +7,7 @@ import json
 import pytest
 
 import sentinel_hm as sh
-from sentinel_hm.planning.hardware import Access
+from sentinel_hm.core.hardware import Access
 from sentinel_hm.planning.io import plan_to_dict
 
 from .tracegen import MiB, chain, hardware

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 import sentinel_hm as sh
-from sentinel_hm.planning.hardware import Access
-from sentinel_hm.planning.model import Move, Tier
+from sentinel_hm.core.hardware import Access
+from sentinel_hm.core.plan import Move, Tier
 from sentinel_hm.planning.planner import context, min_budget
 
 from .tracegen import MiB, chain, hardware

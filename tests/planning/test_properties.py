@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sentinel_hm as sh
-from sentinel_hm.planning.hardware import Access
+from sentinel_hm.core.hardware import Access
 from sentinel_hm.planning.planner import context
 from sentinel_hm.planning.policies import DIRECT_ONLY, POLICIES
 

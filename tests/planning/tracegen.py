@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sentinel_hm.planning.hardware import Access, Hardware, LinkSpec, TierSpec
+from sentinel_hm.core.hardware import Access, Hardware, LinkSpec, TierSpec
 from sentinel_hm.trace.model import Kind, LayerRecord, OpRecord, Phase, StorageRecord, Trace
 
 MiB = 2**20

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sentinel_hm.core.plan import Plan, Tier
+from sentinel_hm.core.presets import PRESETS, parse_hardware
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.explain import explain_peak
 from sentinel_hm.planning.io import save_plan
-from sentinel_hm.planning.model import Plan, Tier
 from sentinel_hm.planning.planner import context, make_plan
 from sentinel_hm.planning.policies import POLICIES, Context
-from sentinel_hm.planning.presets import PRESETS, parse_hardware
 from sentinel_hm.sim.chrome import save_sim_chrome
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.trace.io import load_trace

@@ -24,8 +24,8 @@ from sentinel_hm.cli.plan_cmd import (
     write_or_fail,
 )
 from sentinel_hm.cli.progress import progress
+from sentinel_hm.core.hardware import Access
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Access
 from sentinel_hm.planning.policies import DIRECT_ONLY, POLICIES
 from sentinel_hm.report.tables import NOT_APPLICABLE, REFUSED, Cell, slowdown_table
 from sentinel_hm.units import format_bytes, parse_budget, parse_bytes

@@ -13,8 +13,8 @@ import dataclasses
 from bisect import bisect_right
 from dataclasses import dataclass
 
+from sentinel_hm.core.plan import Plan, Tier
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.model import Plan, Tier
 from sentinel_hm.planning.policies import Context
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.trace.model import Kind, Phase, StorageRecord

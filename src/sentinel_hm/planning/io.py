@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sentinel_hm.core.plan import Move, Plan, Tier
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.jsonfile import read_json, write_json
-from sentinel_hm.planning.model import Move, Plan, Tier
 
 FORMAT = "sentinel-hm/plan"
 SCHEMA_VERSION = 1

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import weakref
 
+from sentinel_hm.core.cost import CostModel
+from sentinel_hm.core.hardware import Access, Hardware
+from sentinel_hm.core.plan import Plan
+from sentinel_hm.core.presets import parse_hardware
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.cost import CostModel
 from sentinel_hm.planning.explain import PeakExplanation, explain_peak
-from sentinel_hm.planning.hardware import Access, Hardware
-from sentinel_hm.planning.model import Plan
 from sentinel_hm.planning.policies import DIRECT_ONLY, POLICIES, REGISTRY, Context, Infeasible
-from sentinel_hm.planning.presets import parse_hardware
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.trace.model import Kind, Trace
 from sentinel_hm.units import format_bytes, parse_budget

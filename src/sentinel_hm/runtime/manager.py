@@ -65,9 +65,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sentinel_hm.core.hardware import Access, Hardware
+from sentinel_hm.core.plan import Plan, Tier
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Access, Hardware
-from sentinel_hm.planning.model import Plan, Tier
 from sentinel_hm.planning.planner import context, explain_min_budget, make_plan, min_budget
 from sentinel_hm.planning.policies.sentinel import parse_interval_label
 from sentinel_hm.runtime.chunked_optimizer import (

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from sentinel_hm.planning.model import Tier
+from sentinel_hm.core.plan import Tier
 
 
 def _done() -> Future[None]:

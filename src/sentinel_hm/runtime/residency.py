@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sentinel_hm.core.hardware import Access
+from sentinel_hm.core.plan import Tier
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Access
-from sentinel_hm.planning.model import Tier
 from sentinel_hm.runtime.mover import Mover
 from sentinel_hm.tiers.base import Tiers
 

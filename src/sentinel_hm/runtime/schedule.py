@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sentinel_hm.planning.model import Move, Plan
+from sentinel_hm.core.plan import Move, Plan
 from sentinel_hm.trace.model import Kind, Phase, Trace
 
 _ALIGN = 64

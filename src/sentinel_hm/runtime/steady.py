@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from sentinel_hm.core.hardware import Access
+from sentinel_hm.core.plan import Tier
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Access
-from sentinel_hm.planning.model import Tier
 from sentinel_hm.runtime.mover import Mover
 from sentinel_hm.runtime.residency import Handle, HeldEntry, SavedEntry
 from sentinel_hm.runtime.schedule import Schedule

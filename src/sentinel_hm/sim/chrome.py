@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sentinel_hm.planning.model import Tier
+from sentinel_hm.core.plan import Tier
 from sentinel_hm.sim.replay import SimResult
 from sentinel_hm.trace.model import Trace
 

@@ -30,10 +30,11 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+from sentinel_hm.core.cost import CostModel
+from sentinel_hm.core.hardware import Access, Hardware
+from sentinel_hm.core.plan import Move, Plan, Tier
+from sentinel_hm.core.presets import parse_hardware
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.cost import CostModel
-from sentinel_hm.planning.hardware import Access, Hardware
-from sentinel_hm.planning.model import Move, Plan, Tier
 from sentinel_hm.trace.model import Trace
 
 
@@ -88,8 +89,6 @@ def simulate(
     plus its evictions still in flight. The values sum to ``result.fast_bytes[i]``.
     """
     if isinstance(hardware, str):
-        from sentinel_hm.planning.presets import parse_hardware
-
         hardware = parse_hardware(hardware)
     if snapshot_at is not None and not 0 <= snapshot_at < len(trace.ops):
         raise SentinelError(

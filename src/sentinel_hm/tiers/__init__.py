@@ -2,8 +2,8 @@
 
 import torch
 
+from sentinel_hm.core.hardware import Access
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Access
 from sentinel_hm.tiers.base import Tiers
 from sentinel_hm.tiers.host import HostTiers
 from sentinel_hm.tiers.numa import NumaTiers

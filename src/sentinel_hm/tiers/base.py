@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from sentinel_hm.planning.hardware import Access, Hardware
+from sentinel_hm.core.hardware import Access, Hardware
 
 
 class Tiers(Protocol):

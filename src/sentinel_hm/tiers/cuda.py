@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from sentinel_hm.core.hardware import Access, Hardware
+from sentinel_hm.core.plan import Tier
+from sentinel_hm.core.presets import PRESETS
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Access, Hardware
-from sentinel_hm.planning.model import Tier
-from sentinel_hm.planning.presets import PRESETS
 
 _PROBE_BYTES = 64 << 20
 

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from sentinel_hm.planning.hardware import Access, Hardware
-from sentinel_hm.planning.presets import PRESETS
+from sentinel_hm.core.hardware import Access, Hardware
+from sentinel_hm.core.presets import PRESETS
 
 _PROBE_BYTES = 32 << 20
 

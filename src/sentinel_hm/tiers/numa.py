@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from sentinel_hm.core.hardware import Access, Hardware
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Access, Hardware
 from sentinel_hm.tiers.host import HostTiers
 
 # syscall numbers: x86-64 (arch/x86/entry/syscalls/syscall_64.tbl) and the generic table

@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from sentinel_hm.core.hardware import Access, Hardware
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Access, Hardware
 from sentinel_hm.tiers.host import HostTiers
 from sentinel_hm.units import format_bandwidth, parse_bandwidth, parse_seconds
 

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
+from sentinel_hm.core.cost import CostModel
+from sentinel_hm.core.hardware import Access, Hardware
+from sentinel_hm.core.plan import Move, Plan, Tier
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.cost import CostModel
-from sentinel_hm.planning.hardware import Access, Hardware
-from sentinel_hm.planning.model import Move, Plan, Tier
 from sentinel_hm.trace.model import Kind, Phase, StorageRecord, Trace
 
 MIN_MANAGED_BYTES = 4096  # smaller storages stay fast: a copy would cost more than it frees

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sentinel_hm.planning.hardware import Access
-from sentinel_hm.planning.model import Move, Plan, Tier
+from sentinel_hm.core.hardware import Access
+from sentinel_hm.core.plan import Move, Plan, Tier
 from sentinel_hm.planning.policies._common import (
     Context,
     Infeasible,

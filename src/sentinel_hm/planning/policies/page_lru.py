@@ -22,7 +22,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import OrderedDict
 
-from sentinel_hm.planning.model import Move, Plan, Tier
+from sentinel_hm.core.plan import Move, Plan, Tier
 from sentinel_hm.planning.policies._common import Context, empty_plan, register
 
 PAGE = 4096

@@ -45,8 +45,8 @@ import heapq
 import itertools
 from dataclasses import dataclass, replace
 
-from sentinel_hm.planning.hardware import Access
-from sentinel_hm.planning.model import Move, Plan, Tier
+from sentinel_hm.core.hardware import Access
+from sentinel_hm.core.plan import Move, Plan, Tier
 from sentinel_hm.planning.policies._common import (
     REGISTRY,
     Context,
@@ -55,6 +55,7 @@ from sentinel_hm.planning.policies._common import (
     interval_of,
     register,
 )
+from sentinel_hm.sim.replay import simulate
 from sentinel_hm.trace.model import StorageRecord
 from sentinel_hm.units import format_bytes
 
@@ -275,8 +276,6 @@ def _place_cold_in_slow(
 @register("sentinel")
 def sentinel(ctx: Context, budget: int) -> Plan:
     """Search the interval length in simulation; see NOTE [Sentinel planning]."""
-    from sentinel_hm.sim.replay import simulate
-
     n_layers = max(1, len({seg.layer for seg in ctx.trace.segments if seg.layer is not None}))
     best: tuple[float, Plan] | None = None
     search: dict[str, object] = {}

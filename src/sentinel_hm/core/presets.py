@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sentinel_hm.core.hardware import Access, Hardware, LinkSpec, TierSpec
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.hardware import Access, Hardware, LinkSpec, TierSpec
 from sentinel_hm.units import parse_bandwidth, parse_bytes, parse_flops, parse_seconds
 
 GiB = 2**30

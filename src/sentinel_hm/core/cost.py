@@ -20,7 +20,7 @@ them wait for copies instead (see ``sentinel_hm.sim``).
 
 from __future__ import annotations
 
-from sentinel_hm.planning.hardware import Hardware
+from sentinel_hm.core.hardware import Hardware
 from sentinel_hm.trace.model import Trace
 
 
