@@ -5,10 +5,19 @@ arena as the slow tier (migrate access by default: data comes back before an
 op uses it, as on a GPU; or direct access: ops read the arena in place).
 Copies are memcpy on a mover thread; on a 2-core machine they share cores and
 memory bandwidth with compute, so they do not hide (see PITFALLS.md).
+
+NOTE [Copies beside compute]
+A copy is one ``memmove`` on the mover thread, not ``Tensor.copy_``: a large
+``copy_`` runs an OpenMP team, whose threads spin on after it ends, and MKL
+(dynamic threads, its default) then gives the compute thread's matrix products
+fewer threads, which sums them in another order: other bits. Measured on the
+medium GPT: its plain twin, stepped right after a Sentinel step, ended with
+every parameter a few ulps off (``MKL_DYNAMIC=FALSE`` removed it too).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import time
 
@@ -16,6 +25,7 @@ import torch
 
 from sentinel_hm.core.hardware import Access, Hardware
 from sentinel_hm.core.presets import PRESETS
+from sentinel_hm.errors import SentinelError
 
 _PROBE_BYTES = 32 << 20
 
@@ -40,7 +50,13 @@ class HostTiers:
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src)
+        """One memmove on the calling (mover) thread. NOTE [Copies beside compute]."""
+        nbytes = dst.numel() * dst.element_size()
+        if not (dst.is_contiguous() and src.is_contiguous()
+                and src.numel() * src.element_size() == nbytes):
+            raise SentinelError(f"internal error: a tier copy of {nbytes} bytes between "
+                                "non-contiguous or unequal buffers; please report it")
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
 
     def is_slow(self, storage: torch.UntypedStorage) -> bool:
         arena = self._arena
@@ -54,11 +70,11 @@ class HostTiers:
         if self._measured is None:
             src = torch.ones(_PROBE_BYTES, dtype=torch.uint8)
             dst = torch.empty_like(src)
-            dst.copy_(src)  # fault in
+            self.copy(dst, src)  # fault in
             times = []
             for _ in range(5):
                 start = time.perf_counter()
-                dst.copy_(src)
+                self.copy(dst, src)
                 times.append(time.perf_counter() - start)
             bandwidth = _PROBE_BYTES / sorted(times)[len(times) // 2]
             base = PRESETS["host"]

@@ -52,7 +52,7 @@ class ThrottledTiers(HostTiers):
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         start = time.perf_counter()
-        dst.copy_(src)
+        super().copy(dst, src)
         to_slow = self.is_slow(dst.untyped_storage())
         bandwidth = self.d2h_bytes_per_s if to_slow else self.h2d_bytes_per_s
         rest = self.latency_s + dst.numel() * dst.element_size() / bandwidth
