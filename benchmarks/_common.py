@@ -11,14 +11,18 @@ from pathlib import Path
 from typing import Any
 
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+# MKL's dynamic threads pick fewer threads when others are busy (a mover thread, a twin's
+# leftover OpenMP team), so a matrix product sums in another order: bitwise comparisons of
+# two trainings in one process need fixed thread counts (docs/runtime.md, Reproducibility)
+FIXED_ENV = {"GLIBC_TUNABLES": TUNABLES, "MKL_DYNAMIC": "FALSE"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def with_tuned_malloc() -> None:
-    """Re-run this program with glibc's malloc tuned (PITFALLS.md): it applies at start-up."""
-    if os.environ.get("GLIBC_TUNABLES") != TUNABLES:
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  dict(os.environ, GLIBC_TUNABLES=TUNABLES))
+    """Re-run this program with glibc's malloc tuned (PITFALLS.md) and MKL's thread count
+    fixed: both apply at start-up."""
+    if any(os.environ.get(k) != v for k, v in FIXED_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **FIXED_ENV))
 
 
 def environment(**extra: Any) -> dict[str, Any]:
