@@ -144,5 +144,8 @@ def _unmovable_because(ctx: Context, s: StorageRecord) -> str:
     """The rule that keeps a long-lived storage from moving under ``ctx``."""
     if s.id in ctx.fixed or (s.kind is Kind.SAVED_ACTIVATION and s.saved):
         return "held by the program (moving it would free nothing)"
-    return (f"{_LABELS[s.kind]} out of the runtime's reach (it moves saved tensors, parameters, "
-            "gradients and optimizer state)")
+    order = (Kind.SAVED_ACTIVATION, Kind.PARAMETER, Kind.GRADIENT, Kind.OPTIMIZER_STATE)
+    moves = [k for k in order if ctx.movable is None or k in ctx.movable]
+    names = [_LABELS[k] if k is not Kind.SAVED_ACTIVATION else "saved tensors" for k in moves]
+    what = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    return f"{_LABELS[s.kind]} out of the runtime's reach (it moves {what})"

@@ -83,6 +83,7 @@ from sentinel_hm.runtime.steady import SteadyStep
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.tiers import open_tiers
 from sentinel_hm.trace.model import Kind, Trace
+from sentinel_hm.trace.sharded import has_sharded_parameters, local_tensor
 from sentinel_hm.trace.tracer import Tracer
 from sentinel_hm.units import format_bytes, parse_budget
 
@@ -191,9 +192,16 @@ class Sentinel:
         self._named = dict(model.named_parameters())  # the names the tracer gives them
         # NOTE [Chunked optimizer step]: the update streams chunk by chunk when it can
         reason = why_not_streamable(optimizer)
-        self._chunks = param_chunks(model, optimizer) if reason is None else None
-        if reason is not None:
+        self._sharded = has_sharded_parameters(model)
+        if self._sharded:  # NOTE [FSDP2]
+            warnings.warn(
+                "sentinel: the parameters are sharded DTensors (FSDP2's fully_shard): Sentinel "
+                "moves saved activations; the shards, their gradients and optimizer state stay "
+                "where FSDP2 keeps them", stacklevel=2)
+        elif reason is not None:
             warn_unstreamed(reason)
+        self._chunks = param_chunks(model, optimizer) if reason is None and not self._sharded \
+            else None
         self._closure_seen = False
         self._audited_peaks: list[int] = []  # a plan measured at m fits a budget of m
         self._program_held: set[int] = set()  # saved storages the program itself kept
@@ -295,7 +303,7 @@ class Sentinel:
             if isinstance(value, dict):
                 self._compact(value)
             elif (isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
-                  and self.tiers.is_slow(value.untyped_storage())):
+                  and self.tiers.is_slow(local_tensor(value).untyped_storage())):
                 state[key] = value.clone()
 
     # -- phases --------------------------------------------------------------------------------
@@ -325,6 +333,8 @@ class Sentinel:
         self._program_held = set()  # storage ids are the new trace's
         hw = self._calibrated(trace)
         movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
+        if self._sharded:  # NOTE [FSDP2]: FSDP2 owns parameters, gradients and their state
+            movable = frozenset({Kind.SAVED_ACTIVATION})
         streamed = "optimizer_chunks" in trace.meta
         self._ctx = context(trace, hw, movable=movable, stream_optimizer=streamed,
                             clock=events.clock(trace), device=str(self._device))
@@ -584,6 +594,21 @@ class Sentinel:
                     lambda _m, _a, sids=sids: run.module_pre_forward(sids)))
         return handles
 
+    def _gathered_hooks(self, never_copied: dict[int, weakref.ref[torch.UntypedStorage]]
+                        ) -> list[Any]:
+        """NOTE [FSDP2]: the parameters FSDP2 gathers onto a module as it runs are parameters
+        too (the profile saw them so): their saves are never copied."""
+        if not self._sharded:
+            return []
+
+        def gathered(module: nn.Module, _args: Any) -> None:
+            for p in module._parameters.values():
+                if p is not None:
+                    _remember(never_copied, p)
+
+        return [m.register_forward_pre_hook(gathered) for m in self.model.modules()
+                if m._parameters]
+
     def _steady_step(self) -> Iterator[None]:
         assert self.schedule is not None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -612,7 +637,8 @@ class Sentinel:
             tracer.start()
             if arena is not None:
                 tracer.tag_external(arena, ARENA_NAME)
-        handles = [*self._grad_hooks(run.grad_ready), *self._fetch_hooks(run)]
+        handles = [*self._grad_hooks(run.grad_ready), *self._fetch_hooks(run),
+                   *self._gathered_hooks(never_copied)]
         chunked = None
         if self._chunks is not None and self.schedule.chunk_ops:
             chunked = ChunkedStep(self.optimizer, self._chunks, run.before_chunk, _nothing,
@@ -691,7 +717,7 @@ def _nothing(_: int) -> None:
 
 
 def _remember(table: dict[int, weakref.ref[torch.UntypedStorage]], t: torch.Tensor) -> None:
-    storage = t.untyped_storage()
+    storage = local_tensor(t).untyped_storage()
     table[storage._cdata] = weakref.ref(storage)
 
 

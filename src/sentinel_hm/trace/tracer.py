@@ -48,6 +48,7 @@ from torch.utils.flop_counter import flop_registry
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.trace.layers import find_layers
 from sentinel_hm.trace.model import Kind, LayerRecord, OpRecord, Phase, StorageRecord, Trace
+from sentinel_hm.trace.sharded import has_sharded_parameters, local_tensor
 
 _ACTIVE: Tracer | None = None
 
@@ -69,6 +70,7 @@ class _Storage:
     kind: Kind | None = None
     name: str | None = None
     before_forward: bool = False
+    first_seen: int = 0  # the op at which the tracer first saw it
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +175,10 @@ class Tracer:
         self._t0 = 0.0
         self._wall_s = 0.0
         self._chunk_ops: list[int] = []  # first op of each optimizer chunk a runtime ran
+        # NOTE [FSDP2]: gathered parameters' storages (address -> the parameter, its name)
+        self._watched: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        self._watched_params: set[int] = set()
+        self._module_names: dict[nn.Module, str] = {}
         # on CUDA an op's duration is taken around a synchronisation (kernel time, not launch
         # time); asking whether CUDA is initialised does not initialise it
         self._sync_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -197,6 +203,8 @@ class Tracer:
     def stop(self) -> Trace:
         global _ACTIVE
         self._wall_s = time.perf_counter() - self._t0
+        if self._watched:
+            self._poll_watched()  # FSDP2 frees the last gathered parameters after the step
         try:
             self._mode.__exit__(None, None, None)
         finally:
@@ -324,6 +332,13 @@ class Tracer:
 
         if self._model is not None:
             self._handles.append(self._model.register_forward_pre_hook(forward_pre))
+            if has_sharded_parameters(self._model):  # NOTE [FSDP2]
+                self._watched_params = {id(p) for p in self._model.parameters()}
+                for name, module in self._model.named_modules():
+                    self._module_names[module] = name
+                    if module._parameters:
+                        self._handles.append(
+                            module.register_forward_pre_hook(self._watch_gathered))
         else:
             self._handles.append(nn.modules.module.register_module_forward_pre_hook(forward_pre))
 
@@ -365,7 +380,7 @@ class Tracer:
     def _storage_id(self, t: torch.Tensor, created_at: int | None) -> int | None:
         """Our id for ``t``'s storage, registering it (created by op ``created_at``) if new."""
         try:
-            storage = t.untyped_storage()
+            storage = local_tensor(t).untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse, nested, functional wrappers
             return None
         key = storage._cdata
@@ -380,6 +395,7 @@ class Tracer:
                 device=str(t.device),
                 created_at=created_at,
                 before_forward=not self._forward_seen,
+                first_seen=self._clock,
             )
         )
         self._live[key] = sid
@@ -390,6 +406,41 @@ class Tracer:
         self._storages[sid].freed_at = self._clock
         self._live.pop(key, None)
         self._finalizers.pop(key, None)
+
+    def _watch_gathered(self, module: nn.Module, args: Any) -> None:
+        """NOTE [FSDP2]: a parameter on a running module that the model did not have when
+        the step began is a gathered one; its storage is watched for resizes."""
+        for pname, p in module._parameters.items():
+            if p is None or id(p) in self._watched_params:
+                continue
+            self._watched_params.add(id(p))
+            name = f"{self._module_names.get(module, '?')}.{pname} (gathered)"
+            key = local_tensor(p).untyped_storage()._cdata
+            self._watched[key] = (weakref.ref(p), name)
+            self._poll_watched()
+            sid = self._live.get(key)
+            if sid is not None:
+                # first seen before this hook (FSDP2 gathers ahead): it was allocated then
+                record = self._storages[sid]
+                if record.created_at is None and self._forward_seen:
+                    record.created_at, record.before_forward = record.first_seen, False
+                self._tag(p, Kind.PARAMETER, name)
+
+    def _poll_watched(self) -> None:
+        """NOTE [FSDP2]: gathered parameters' storages resized since the last op."""
+        for key, (ref, name) in self._watched.items():
+            p = ref()
+            if p is None:
+                continue
+            nbytes = local_tensor(p).untyped_storage().nbytes()
+            sid = self._live.get(key)
+            if sid is not None and nbytes != self._storages[sid].nbytes:
+                self._finalizers[key].detach()
+                self._on_free(key, sid)
+                sid = None
+            if sid is None and nbytes:
+                self._storage_id(p, self._clock)
+                self._tag(p, Kind.PARAMETER, name)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         sid = self._storage_id(t, None)
@@ -460,6 +511,8 @@ class Tracer:
             return func(*args, **kwargs)
         index = len(self._ops)
         self._clock = index
+        if self._watched:
+            self._poll_watched()
         phase, layer = self._context()
         if self._sync_cuda:  # device time, not launch time: a profile may be slower
             torch.cuda.synchronize(self._cuda_device)  # the model's GPU (None: current)
