@@ -20,3 +20,16 @@ def test_example_runs(argv):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "measured peak" in proc.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_example_runs():
+    """The README's torchrun line, on two CPU ranks (``--standalone``: a free port)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), *sys.path]))
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2", "examples/torchrun_fsdp.py", "--steps", "9"]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if "measured peak" in line]
+    assert len(lines) == 2, proc.stdout  # one per rank
+    assert "phase steady" in proc.stdout
