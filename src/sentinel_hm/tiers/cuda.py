@@ -10,8 +10,15 @@ in the steady state. Memory read by a copy stays valid until the copy ends:
 ``record_stream`` tells the caching allocator not to reuse a device block
 before the side stream's work on it is done (so an evicted tensor can be
 dropped at once), and the pinned block lives as long as the tiers.
-Pinned memory is allocated once (``cudaHostAlloc`` is slow and synchronises),
-with no power-of-two rounding: slots are exact offsets in one block.
+
+NOTE [Pinned arena]
+``torch.empty(pin_memory=True)`` goes through PyTorch's pinned caching
+allocator, which rounds up to a power of two (up to twice the bytes pinned)
+and keeps blocks cached after they are dropped. The arena is instead ordinary
+host memory, page-aligned, registered with ``cudaHostRegister`` at its exact
+size (rounded to a page); it is kept when a later plan needs no more, replaced
+(unregistered first) when it needs more, and unregistered on ``close()``.
+Slots are exact offsets in it.
 
 Written on a CPU-only machine: the GPU tests (tests/gpu/) and
 ``scripts/gpu_check.sh`` check it where CUDA is available.
@@ -32,6 +39,7 @@ from sentinel_hm.core.presets import PRESETS
 from sentinel_hm.errors import SentinelError
 
 _PROBE_BYTES = 64 << 20
+_PAGE = 4096
 
 
 class CudaEventFuture:
@@ -70,7 +78,27 @@ class CudaTiers:
     # -- the protocol --------------------------------------------------------------------------
 
     def reserve(self, nbytes: int) -> None:
-        self._arena = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+        """NOTE [Pinned arena]: called between steps, with nothing in the slow tier."""
+        nbytes = -(-max(nbytes, 1) // _PAGE) * _PAGE
+        if self._arena is not None and self._arena.numel() >= nbytes:
+            return
+        self._release()
+        block = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
+        start = -block.data_ptr() % _PAGE
+        arena = block[start : start + nbytes]
+        err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            raise SentinelError(
+                f"cudaHostRegister of a {nbytes}-byte slow arena failed (CUDA error {int(err)}): "
+                "the host may not let this process pin that much memory (ulimit -l); lower the "
+                "slow tier's share with a larger fast_memory")
+        self._arena = arena
+
+    def _release(self) -> None:
+        if self._arena is not None:
+            torch.cuda.synchronize(self.device)  # no copy may still use it
+            torch.cuda.cudart().cudaHostUnregister(self._arena.data_ptr())
+            self._arena = None
 
     def slot(self, offset: int, nbytes: int) -> torch.Tensor:
         assert self._arena is not None, "reserve() first"
@@ -93,7 +121,7 @@ class CudaTiers:
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
-        self._arena = None
+        self._release()
 
     # -- asynchronous copies (used by Mover) ---------------------------------------------------
 

@@ -39,6 +39,10 @@ class HostTiers:
         self._measured: Hardware | None = None
 
     def reserve(self, nbytes: int) -> None:
+        """Called between steps, with nothing in the slow tier: a new plan reuses an arena
+        that is large enough (each trial and re-plan would fault in a new one)."""
+        if self._arena is not None and self._arena.numel() >= nbytes:
+            return
         # zeros() writes every page: the arena is faulted in before the first step uses it
         self._arena = torch.zeros(max(nbytes, 1), dtype=torch.uint8)
 
