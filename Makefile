@@ -22,7 +22,7 @@ $(VENV)/.installed-%: pyproject.toml $(VENV)/.torch
 demo: $(VENV)/.installed-plot
 	$(VENV)/bin/sentinel demo
 
-test: $(VENV)/.installed-dev,plot,hf
+test: $(VENV)/.installed-dev,plot,hf,lightning
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
