@@ -167,6 +167,7 @@ class Sentinel:
         self.policy = policy
         if trials < 0:
             raise SentinelError(f"trials={trials} is negative: give 0 (no trials) or more")
+        _refuse_compiled(model)
         self.trials = trials
         self._tune: list[tuple[str, float]] = []  # interval lengths still to try: (label, predicted)
         # the fast tier is where the model lives (GPU memory for a model on a GPU)
@@ -714,6 +715,22 @@ class Sentinel:
 
 def _nothing(_: int) -> None:
     pass
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    """NOTE [Compiled code under the tracer]: the plan comes from an eager profile, and a
+    compiled region saves other tensors for backward (fewer, fused, all at its end), so no
+    steady step would match it; refused before anything runs."""
+    compiled = [name or "the model" for name, m in model.named_modules()
+                if getattr(m, "_compiled_call_impl", None) is not None
+                or "_orig_mod" in m._modules]
+    if compiled:
+        raise SentinelError(
+            f"{compiled[0]} is compiled with torch.compile (torch.compile(module) or "
+            "module.compile()): Sentinel plans from an eager profile of the step, and compiled "
+            "code saves other tensors for backward than the profile would see, so no plan of "
+            "it could run. Give Sentinel the uncompiled model (the module torch.compile was "
+            "given: compiled._orig_mod), or train the compiled model without Sentinel")
 
 
 def _remember(table: dict[int, weakref.ref[torch.UntypedStorage]], t: torch.Tensor) -> None:

@@ -25,6 +25,16 @@ seen when first used; kernel scratch buffers are invisible; the gradient seed
 (``ones_like`` in ``loss.backward()``) runs before autograd's engine and is
 recorded in the forward phase; on CUDA each op is timed between two device
 synchronisations (kernel time; the profiled step runs slower).
+
+NOTE [Compiled code under the tracer]
+Dynamo does not compile under a dispatch mode: it marks each code object it
+meets then as "skip", for the rest of the process, and a compiled model runs
+eagerly ever after. The tracer runs its step under
+``torch.compiler.set_stance("force_eager")``, which runs compiled functions
+eagerly without asking dynamo (so nothing is marked), and restores the
+program's stance when it stops: compiled code runs compiled again afterwards.
+The trace is then that of the eager program, which saves other tensors than
+the compiled one (a runtime refuses compiled models for that reason).
 """
 
 from __future__ import annotations
@@ -174,6 +184,7 @@ class Tracer:
             self._enter_forward()
         self._t0 = 0.0
         self._wall_s = 0.0
+        self._stance: Any = None
         self._chunk_ops: list[int] = []  # first op of each optimizer chunk a runtime ran
         # NOTE [FSDP2]: gathered parameters' storages (address -> the parameter, its name)
         self._watched: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
@@ -196,6 +207,8 @@ class Tracer:
         self._register_known_storages()
         self._install_hooks()
         _ACTIVE = self
+        # NOTE [Compiled code under the tracer]
+        self._stance = torch.compiler.set_stance("force_eager")
         self._saved_hooks.__enter__()
         self._mode.__enter__()
         self._t0 = time.perf_counter()
@@ -203,6 +216,7 @@ class Tracer:
     def stop(self) -> Trace:
         global _ACTIVE
         self._wall_s = time.perf_counter() - self._t0
+        self._stance.__exit__(None, None, None)  # the stance the program had
         if self._watched:
             self._poll_watched()  # FSDP2 frees the last gathered parameters after the step
         try:
