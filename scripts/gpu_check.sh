@@ -1,15 +1,64 @@
 #!/usr/bin/env bash
-# The GPU checks, for a machine with CUDA (run from the repository root, no install needed):
-# the GPU tests, then the GPU benchmark in quick mode. Prints a one-line verdict at the end.
+# The GPU checks in one command, on a machine with CUDA, from the source tree (nothing to
+# install beyond torch and pytest): the GPU tests (tests/gpu), then the GPU benchmark in quick
+# mode. A few minutes on one GPU; each part has a time limit (tests 150 s, benchmark 330 s).
+#
+#   scripts/gpu_check.sh            (PYTHON=... to use another interpreter)
+#
+# Results, named with the device and the UTC date, in benchmarks/results/:
+#   gpu_<device>_quick_<date>.md/.json   the benchmark's table and data
+#   gpu_<device>_quick_<date>.log        its console output (tracebacks of failed rows)
+#   gpu_<device>_tests_<date>.xml/.txt   pytest's JUnit report and console output
+# Prints "gpu_check: PASS" only if every GPU test ran (none skipped) and passed, and every
+# benchmark row passed; otherwise "gpu_check: FAIL ..." and exit 1 (2: no CUDA).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=src
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.cuda.get_device_name(0), torch.__version__)" || exit 2
-timeout 240 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider; tests=$?
-timeout 300 python3 benchmarks/bench_gpu.py --quick; bench=$?
-if [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]; then
-  echo "gpu_check: PASS (tests and benchmark; results in benchmarks/results/gpu_*)"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS: read when CUDA starts
+PY=${PYTHON:-python3}
+OUT=benchmarks/results
+
+slug=$(PYTHONPATH="$PYTHONPATH:benchmarks" "$PY" -c '
+import sys
+import torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: torch.cuda.is_available() is False here")
+from bench_gpu import device_slug
+print(device_slug())
+') || { echo "gpu_check: FAIL (no CUDA, or torch or the benchmark does not import)"; exit 2; }
+"$PY" -c 'import torch; print("gpu_check:", torch.cuda.get_device_name(), "torch", torch.__version__, "CUDA", torch.version.cuda)'
+day=$(date -u +%F)
+mkdir -p "$OUT"
+tests="$OUT/gpu_${slug}_tests_${day}"
+bench="$OUT/gpu_${slug}_quick_${day}"
+
+timeout -k 10 150 "$PY" -m pytest -q -rA -m gpu tests/gpu -p no:cacheprovider \
+  --junitxml="$tests.xml" 2>&1 | tee "$tests.txt"
+tests_rc=${PIPESTATUS[0]}
+# a run in which the tests were skipped (CUDA not seen by pytest) is not a pass
+tests_ran=$("$PY" - "$tests.xml" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError) as e:
+    print(f"no JUnit report ({e})")
+    raise SystemExit(0)
+suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+count = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "skipped", "failures", "errors")}
+ok = count["tests"] > 0 and not any(count[k] for k in ("skipped", "failures", "errors"))
+print("ok" if ok else ", ".join(f"{v} {k}" for k, v in count.items()))
+EOF
+)
+
+timeout -k 10 330 "$PY" benchmarks/bench_gpu.py --quick --out-dir "$OUT" 2>&1 | tee "$bench.log"
+bench_rc=${PIPESTATUS[0]}
+
+if [ "$tests_rc" -eq 0 ] && [ "$tests_ran" = "ok" ] && [ "$bench_rc" -eq 0 ]; then
+  echo "gpu_check: PASS (every GPU test passed; every benchmark row passed: $bench.md)"
 else
-  echo "gpu_check: FAIL (tests exit $tests, benchmark exit $bench)"
+  echo "gpu_check: FAIL (tests: exit $tests_rc, $tests_ran; benchmark: exit $bench_rc" \
+       "(1: a row failed, 124: out of time); see $tests.txt, $bench.md, $bench.log)"
   exit 1
 fi
