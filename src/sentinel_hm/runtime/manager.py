@@ -436,6 +436,10 @@ class Sentinel:
             self._phase = "steady"
             return
         self._replans += 1
+        if self._ctx.interval_lengths is not None:
+            # the tuned interval length measured over its prediction: correct from the
+            # planner's choice among every length (another may fit where this one cannot)
+            self._ctx = dataclasses.replace(self._ctx, interval_lengths=None, min_budgets={})
         # lowered by the excess, but never below the smallest plan (measured next); when a
         # correction did not lower the measured peak, or on the last try, the smallest plan
         # itself (a refusal's quoted figure was measured on it)
