@@ -30,6 +30,8 @@ EPS = 1e-12
 # memory and stall the step, and they can lose to never using fast memory at all (see the
 # two tests at the end). Sentinel weighs its plans in simulation against the static one.
 BLIND_MIGRATORS = {"page-lru", "vdnn", "offload-all"}
+# recomputing every layer adds compute that keeping everything in slow memory does not pay
+SLOWER_THAN_SLOW = BLIND_MIGRATORS | {"checkpoint-all"}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -55,7 +57,7 @@ def test_policies_honour_the_budget_and_lie_between_the_bounds(trace, hw, share)
         assert result.peak_fast_bytes <= budget, policy
         assert max(result.fast_bytes) <= budget, policy
         assert fast - EPS <= result.step_s, policy
-        if policy not in BLIND_MIGRATORS:
+        if policy not in SLOWER_THAN_SLOW:
             assert result.step_s <= slow * (1 + 1e-9) + EPS, policy
         times[policy] = result.step_s
     if "sentinel" in times and "first-touch" in times:

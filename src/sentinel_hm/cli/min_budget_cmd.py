@@ -82,7 +82,7 @@ def _slowdown(setup: Setup, budget: int, policy: str) -> float | None:
 def run(args: argparse.Namespace) -> int:
     limit = parse_share(args.max_slowdown)
     policy = check_policy_name(args.policy)
-    setup = load_setup(args.trace, args.hardware)
+    setup = load_setup(args.trace, args.hardware, args.recompute)
     peak, hw = setup.peak, setup.ctx.hardware
     target = 1 + limit
     print(f"min-budget: policy {policy} on {hw.name}, at most x{target:.4g} the all-fast step "

@@ -19,7 +19,7 @@ from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.explain import explain_peak
 from sentinel_hm.planning.io import save_plan
 from sentinel_hm.planning.planner import context, make_plan
-from sentinel_hm.planning.policies import POLICIES, Context
+from sentinel_hm.planning.policies import POLICIES, Context, recomputing
 from sentinel_hm.sim.chrome import save_sim_chrome
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.trace.io import load_trace
@@ -53,6 +53,9 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", required=True, metavar="SPEC",
                    help=f"a preset ({', '.join(PRESETS)}), a preset with overrides "
                         "('h100-sxm,h2d=50GB/s'), or a .json hardware file")
+    p.add_argument("--no-recompute", dest="recompute", action="store_false",
+                   help="the sentinel policy only keeps or moves saved activations (by "
+                        "default it may also recompute layers: docs/planning.md)")
 
 
 @dataclass(frozen=True)
@@ -81,14 +84,14 @@ class Setup:
         return plan, simulate(ctx.trace, plan, ctx.hardware, cost=ctx.cost, timeline=timeline)
 
 
-def load_setup(trace_path: Path, hardware_spec: str) -> Setup:
+def load_setup(trace_path: Path, hardware_spec: str, recompute: bool = True) -> Setup:
     """Parse the hardware first (cheap, a common typo), then load the trace and build the
     context once; every plan of the command reuses it."""
     hw = parse_hardware(hardware_spec)
     trace = load_trace(trace_path)
     if trace.peak_bytes <= 0:
         raise SentinelError(f"{trace_path}: the trace holds no memory (peak 0 B): nothing to plan")
-    ctx = context(trace, hw)
+    ctx = context(trace, hw, recompute=recompute)
     plan = make_plan(trace, hw, trace.peak_bytes, "all-fast", ctx=ctx)
     return Setup(ctx, simulate(trace, plan, hw, cost=ctx.cost))
 
@@ -140,20 +143,26 @@ def summarize_plan(setup: Setup, plan: Plan, result: SimResult) -> str:
         " of the budget)",
         f"peak: {peak.summary()}; {peak.hint}",
     ]
+    if plan.recompute:
+        layers = setup.ctx.trace.layers
+        lines.append("recomputed layers (their forward reruns before their backward): "
+                     + ", ".join(layers[i].name if i < len(layers) else str(i)
+                                 for i in plan.recompute))
     lines += [f"{key}: {_info_value(key, value)}" for key, value in plan.info.items()]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     check_policy_name(args.policy)
-    setup = load_setup(args.trace, args.hardware)
+    setup = load_setup(args.trace, args.hardware, args.recompute)
     budget = parse_budget(args.budget, setup.peak)
     plan, result = setup.evaluate(budget, args.policy, timeline=args.chrome is not None)
     out = write_or_fail(lambda: save_plan(plan, args.out), args.out)
     print(f"wrote {out}", file=sys.stderr)
     if args.chrome:
         chrome = args.chrome
-        out = write_or_fail(lambda: save_sim_chrome(setup.ctx.trace, result, chrome), chrome)
+        step = recomputing(setup.ctx, plan.recompute).trace  # the step the plan runs
+        out = write_or_fail(lambda: save_sim_chrome(step, result, chrome), chrome)
         print(f"wrote {out}", file=sys.stderr)
     print(summarize_plan(setup, plan, result))
     return 0

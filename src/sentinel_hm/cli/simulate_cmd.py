@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         from sentinel_hm.report.plots import require_matplotlib
 
         require_matplotlib()  # before the sweep, not after it
-    setup = load_setup(args.trace, args.hardware)
+    setup = load_setup(args.trace, args.hardware, args.recompute)
     budgets = [parse_budget(item, setup.peak) for item in items]
     labels = [(budget_label(item, b), format_bytes(b)) for item, b in zip(items, budgets, strict=True)]
 

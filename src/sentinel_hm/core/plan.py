@@ -12,8 +12,11 @@ the fast tier for their whole life (short-lived tensors always do).
   list order. A move to the fast tier is a prefetch (or a promotion); a move to
   the slow tier an eviction (or a demotion).
 
-Room is left for recomputation: a future ``Move`` kind ``recompute`` would say
-"drop now, rebuild before op X" in the same list.
+- ``recompute``: layers whose forward reruns just before their backward
+  (activation checkpointing) instead of keeping their saved activations. The
+  plan's storages and ops are then those of the trace with these layers
+  recomputed (`sentinel_hm.trace.recompute.with_recomputed_layers`): ``n_ops``,
+  ``n_storages``, placement and moves refer to that trace.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Plan:
     placement: dict[int, int] = field(default_factory=dict)
     moves: tuple[Move, ...] = ()
     info: dict[str, object] = field(default_factory=dict)
+    recompute: tuple[int, ...] = ()  # layer indices, sorted
 
     @property
     def managed(self) -> frozenset[int]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from sentinel_hm.core.plan import Plan, Tier
 from sentinel_hm.errors import SentinelError
-from sentinel_hm.planning.policies import Context
+from sentinel_hm.planning.policies import Context, recomputing
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.trace.model import Kind, Phase, StorageRecord
 from sentinel_hm.units import format_bytes
@@ -96,6 +96,7 @@ def explain_peak(ctx: Context, plan: Plan, result: SimResult | None = None) -> P
 
     ``result``: the plan's replay on ``ctx`` if the caller has it (saves one replay).
     """
+    ctx = recomputing(ctx, plan.recompute)  # NOTE [Recompute as a trace]: the plan's step
     trace = ctx.trace
     if not trace.ops:
         raise SentinelError("the trace has no ops: there is no peak to explain")

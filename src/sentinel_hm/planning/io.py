@@ -10,7 +10,7 @@ from sentinel_hm.errors import SentinelError
 from sentinel_hm.jsonfile import read_json, write_json
 
 FORMAT = "sentinel-hm/plan"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: recomputed layers
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -25,6 +25,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "placement": [[sid, fast] for sid, fast in sorted(plan.placement.items())],
         "moves": [[m.storage, m.to.value, m.issue_at, m.nbytes] for m in plan.moves],
         "info": plan.info,
+        "recompute": list(plan.recompute),
     }
 
 
@@ -62,9 +63,13 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
                 raise fail(f"move {entry!r} is not [storage, 'fast'|'slow', op, bytes] in range")
             moves.append(Move(sid, Tier(to), issue_at, nbytes))
         info = data.get("info", {})
+        recompute = data.get("recompute", [])
+        if not (isinstance(recompute, list) and all(isinstance(i, int) and i >= 0
+                                                     for i in recompute)):
+            raise fail(f"recompute {recompute!r} is not a list of layer indices")
         return Plan(str(data["policy"]), str(data["hardware"]), int(data["budget_bytes"]),
                     n_ops, n_storages, placement, tuple(moves),
-                    dict(info) if isinstance(info, dict) else {})
+                    dict(info) if isinstance(info, dict) else {}, tuple(sorted(recompute)))
     except SentinelError:
         raise
     except (KeyError, TypeError, ValueError) as e:

@@ -31,12 +31,14 @@ def context(
     stream_optimizer: bool = True,
     clock: tuple[int, ...] | None = None,
     device: str | None = None,
+    recompute: bool = False,
 ) -> Context:
-    """What policies plan against; ``movable``/``stream_optimizer``/``clock``/``device``
-    describe what the runtime that will execute the plan can do (see `Context`)."""
+    """What policies plan against; ``movable``/``stream_optimizer``/``clock``/``device``/
+    ``recompute`` describe what the runtime that will execute the plan can do (see
+    `Context`)."""
     hw = parse_hardware(hardware) if isinstance(hardware, str) else hardware
     return Context(trace, hw, CostModel(trace, hw), movable, stream_optimizer, clock=clock,
-                   device=device)
+                   device=device, recompute=recompute)
 
 
 def check_policy(policy: str, hardware: Hardware) -> None:
@@ -115,14 +117,19 @@ def make_plan(
     policy: str = "sentinel",
     *,
     ctx: Context | None = None,
+    recompute: bool = True,
 ) -> Plan:
     """Plan ``trace`` on ``hardware`` within ``budget`` (bytes, "4GiB", or "20%" of the peak).
+
+    ``recompute``: the sentinel policy may recompute layers instead of keeping or moving
+    their saved activations (NOTE [Recompute as a trace]); ignored when ``ctx`` is given
+    (its own ``recompute`` holds).
 
     Raises `SentinelError` naming the smallest budget the policy can honour
     when it cannot honour this one, and where that smallest plan peaks and what
     is live there (`explain_min_budget`).
     """
-    ctx = ctx or context(trace, hardware)
+    ctx = ctx or context(trace, hardware, recompute=recompute)
     check_policy(policy, ctx.hardware)
     budget_bytes = parse_budget(budget, trace.peak_bytes)
     found = _try(ctx, budget_bytes, policy)

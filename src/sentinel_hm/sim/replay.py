@@ -36,6 +36,7 @@ from sentinel_hm.core.plan import Move, Plan, Tier
 from sentinel_hm.core.presets import parse_hardware
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.trace.model import Trace
+from sentinel_hm.trace.recompute import with_recomputed_layers
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,12 @@ def simulate(
     """
     if isinstance(hardware, str):
         hardware = parse_hardware(hardware)
+    done = trace.meta.get("recomputed_layers")
+    if plan.recompute and (tuple(done) if isinstance(done, list) else ()) != plan.recompute:
+        # NOTE [Recompute as a trace]: the plan is for the step that recomputes these layers
+        trace = with_recomputed_layers(trace, plan.recompute)
+        if cost is not None and len(cost.base_s) != len(trace.ops):
+            cost = None  # the caller's cost model is the original step's
     if snapshot_at is not None and not 0 <= snapshot_at < len(trace.ops):
         raise SentinelError(
             f"snapshot_at={snapshot_at} is not an op of this trace: give 0 to "

@@ -5,8 +5,14 @@ from sentinel_hm.planning.policies import (  # noqa: F401  (importing registers 
     page_lru,
     sentinel,
 )
-from sentinel_hm.planning.policies._common import DIRECT_ONLY, REGISTRY, Context, Infeasible
+from sentinel_hm.planning.policies._common import (
+    DIRECT_ONLY,
+    REGISTRY,
+    Context,
+    Infeasible,
+    recomputing,
+)
 
 POLICIES = tuple(REGISTRY)
 
-__all__ = ["DIRECT_ONLY", "POLICIES", "REGISTRY", "Context", "Infeasible"]
+__all__ = ["DIRECT_ONLY", "POLICIES", "REGISTRY", "Context", "Infeasible", "recomputing"]

@@ -12,6 +12,7 @@ from sentinel_hm.core.hardware import Access, Hardware
 from sentinel_hm.core.plan import Move, Plan, Tier
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.trace.model import Kind, Phase, StorageRecord, Trace
+from sentinel_hm.trace.recompute import with_recomputed_layers
 
 MIN_MANAGED_BYTES = 4096  # smaller storages stay fast: a copy would cost more than it frees
 
@@ -44,6 +45,9 @@ class Context:
     # the device of the fast tier ("cuda:0"): a runtime moves only storages there (a CUDA
     # tier never moves the CPU scalars Adam counts its steps in); None: any storage
     device: str | None = None
+    # whether the sentinel policy may recompute layers instead of keeping or moving their
+    # saved activations (NOTE [Recompute as a trace]); a runtime that cannot says False
+    recompute: bool = False
     min_budgets: dict[str, int] = field(default_factory=dict, compare=False)  # planner's cache
 
     @cached_property
@@ -177,8 +181,10 @@ def empty_plan(
     ordered = sorted(moves or (), key=lambda m: m.issue_at)
     if ctx.clock is not None:  # moving to the clock keeps the order; repeats merge
         ordered = list(dict.fromkeys(_on_clock(ctx, m) for m in ordered))
+    recomputed = ctx.trace.meta.get("recomputed_layers")
     return Plan(policy, ctx.hardware.name, budget, len(ctx.trace.ops), len(ctx.trace.storages),
-                placement=dict(placement or {}), moves=tuple(ordered), info=dict(info or {}))
+                placement=dict(placement or {}), moves=tuple(ordered), info=dict(info or {}),
+                recompute=tuple(recomputed) if isinstance(recomputed, list) else ())
 
 
 def _on_clock(ctx: Context, move: Move) -> Move:
@@ -222,3 +228,12 @@ def register(name: str, *, direct_only: bool = False) -> Callable[[PolicyFn], Po
         return fn
 
     return wrap
+
+
+def recomputing(ctx: Context, layers: tuple[int, ...]) -> Context:
+    """``ctx`` for the step with ``layers`` recomputed (NOTE [Recompute as a trace])."""
+    done = ctx.trace.meta.get("recomputed_layers")
+    if not layers or (isinstance(done, list) and tuple(done) == tuple(layers)):
+        return ctx
+    trace = with_recomputed_layers(ctx.trace, layers)
+    return replace(ctx, trace=trace, cost=CostModel(trace, ctx.hardware), min_budgets={})

@@ -8,10 +8,12 @@ from sentinel_hm.planning.policies._common import (
     Context,
     Infeasible,
     empty_plan,
+    recomputing,
     register,
     slow_homed,
 )
 from sentinel_hm.trace.model import Kind, Phase
+from sentinel_hm.trace.recompute import recomputable_layers
 from sentinel_hm.units import format_bytes
 
 
@@ -122,3 +124,19 @@ def offload_all(ctx: Context, budget: int) -> Plan:
     """Every saved activation of at least 1 KiB offloaded, fetched when used (torchtune's design)."""
     return _offload_saved(ctx, budget, "offload-all", lookahead=False, min_bytes=1024)
 
+
+
+@register("checkpoint-all")
+def checkpoint_all(ctx: Context, budget: int) -> Plan:
+    """Activation checkpointing of every layer it can drop saved bytes from (as
+    ``torch.utils.checkpoint`` around each layer would), nothing moved: each such layer's
+    forward reruns before its backward (NOTE [Recompute as a trace])."""
+    layers = tuple(sorted(recomputable_layers(ctx.trace)))
+    rctx = recomputing(ctx, layers)
+    peak = rctx.trace.peak_bytes
+    if peak > budget:
+        raise Infeasible(
+            f"checkpoint-all keeps {format_bytes(peak)} in fast memory at its peak; the budget "
+            f"is {format_bytes(budget)}: raise it or pick a policy that migrates (sentinel)"
+        )
+    return empty_plan(rctx, "checkpoint-all", budget)

@@ -53,10 +53,12 @@ from sentinel_hm.planning.policies._common import (
     Infeasible,
     empty_plan,
     interval_of,
+    recomputing,
     register,
 )
 from sentinel_hm.sim.replay import simulate
 from sentinel_hm.trace.model import StorageRecord
+from sentinel_hm.trace.recompute import RecomputableLayer, recomputable_layers
 from sentinel_hm.units import format_bytes
 
 # (layers per interval, intervals per layer): parts of a layer down to a sixteenth, then runs
@@ -275,7 +277,46 @@ def _place_cold_in_slow(
 
 @register("sentinel")
 def sentinel(ctx: Context, budget: int) -> Plan:
-    """Search the interval length in simulation; see NOTE [Sentinel planning]."""
+    """Search the interval length in simulation, and with ``ctx.recompute`` which layers to
+    recompute; see NOTE [Sentinel planning]."""
+    best, search, lowest_planned = _search(ctx, budget)
+    if ctx.recompute and ctx.clock is None:
+        for layers in _recompute_sets(ctx):
+            label = f"recompute {len(layers)}"
+            found, _, planned = _search(recomputing(ctx, layers), budget)
+            lowest_planned = min(lowest_planned or planned or 0, planned or 0) or None
+            search[label] = found[0] if found else "infeasible"
+            if found and (best is None or found[0] < best[0]):
+                best = found
+    if best is None:
+        raise Infeasible(
+            f"sentinel cannot fit the step into {format_bytes(budget)} of fast memory "
+            f"(its best plan needs about {format_bytes(lowest_planned or 0)})"
+        )
+    plan = best[1]
+    return replace(plan, info={**plan.info, "search": search})
+
+
+def _recompute_sets(ctx: Context) -> list[tuple[int, ...]]:
+    """Sets of layers to recompute, cheapest first: the layers that drop the most saved bytes
+    per second of recomputation (the cost model's times of the ops rerun), in prefixes of
+    1, 2, 4, ... layers and all of them."""
+    layers = recomputable_layers(ctx.trace)
+    base = ctx.cost.base_s
+
+    def worth(layer: RecomputableLayer) -> float:
+        dropped = sum(ctx.trace.storages[sid].nbytes for sid in layer.saved)
+        return dropped / max(sum(base[layer.forward[0] : layer.last_op + 1]), 1e-12)
+
+    order = sorted(layers, key=lambda i: worth(layers[i]), reverse=True)
+    sizes = sorted({*(2 ** e for e in range(len(order).bit_length())), len(order)})
+    return [tuple(sorted(order[:n])) for n in sizes if n]
+
+
+def _search(ctx: Context, budget: int
+            ) -> tuple[tuple[float, Plan] | None, dict[str, object], int | None]:
+    """The fastest feasible plan over interval lengths (and the plan of doing nothing
+    clever), every candidate's predicted time, and the lowest planned occupancy seen."""
     n_layers = max(1, len({seg.layer for seg in ctx.trace.segments if seg.layer is not None}))
     best: tuple[float, Plan] | None = None
     search: dict[str, object] = {}
@@ -326,11 +367,4 @@ def sentinel(ctx: Context, budget: int) -> Plan:
             if best is None or result.step_s < best[0]:
                 best = (result.step_s, replace(static, policy="sentinel",
                                                info={"layers_per_interval": None}))
-    if best is None:
-        raise Infeasible(
-            f"sentinel cannot fit the step into {format_bytes(budget)} of fast memory "
-            f"(its best plan needs about {format_bytes(lowest_planned or 0)})"
-        )
-    plan = best[1]
-    return Plan(plan.policy, plan.hardware, plan.budget_bytes, plan.n_ops, plan.n_storages,
-                plan.placement, plan.moves, {**plan.info, "search": search})
+    return best, search, lowest_planned

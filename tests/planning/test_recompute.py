@@ -1,0 +1,124 @@
+"""Recomputation as a third choice (NOTE [Recompute as a trace]): the rewritten trace, the
+sentinel policy's choice among keep, move and recompute, and the checkpoint-all baseline."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sentinel_hm as sh
+from sentinel_hm.core.hardware import Access
+from sentinel_hm.planning import load_plan, min_budget, save_plan
+from sentinel_hm.planning.planner import context
+from sentinel_hm.trace.model import Kind, Phase, Trace
+from sentinel_hm.trace.recompute import recomputable_layers, with_recomputed_layers
+
+from .tracegen import Builder, MiB, hardware
+
+
+def blocks(n_layers: int, saved: list[int], out_bytes: int, op_s: list[float]) -> Trace:
+    """Layers of two ops: ``h = f(x, w)`` (saved, used only by the layer's backward), then
+    ``y = g(h)`` (the next layer's input); backward reads both and the parameter."""
+    b = Builder()
+    params = [b.storage(64 * 1024, Kind.PARAMETER, pre=True) for _ in range(n_layers)]
+    x = b.storage(out_bytes, Kind.INPUT, pre=True)
+    keep = []
+    for i in range(n_layers):
+        h = b.storage(saved[i % len(saved)], Kind.SAVED_ACTIVATION, saved=True)
+        b.op(Phase.FORWARD, i, reads=[x, params[i]], creates=[h], duration_s=op_s[i % len(op_s)])
+        y = b.storage(out_bytes, Kind.SAVED_ACTIVATION, saved=True)
+        b.op(Phase.FORWARD, i, reads=[h], creates=[y], duration_s=op_s[i % len(op_s)] / 4)
+        keep.append((x, h))
+        x = y
+    loss = b.storage(4, Kind.TEMPORARY)
+    b.op(Phase.FORWARD, None, reads=[x], creates=[loss], frees=[x], duration_s=1e-5)
+    for i in reversed(range(n_layers)):
+        xi, h = keep[i]
+        b.op(Phase.BACKWARD, i, reads=[h, xi, params[i]], frees=[h, xi] if i else [h],
+             duration_s=2 * op_s[i % len(op_s)])
+    b.op(Phase.OTHER, None, frees=[loss], duration_s=1e-5)
+    return b.build(n_layers)
+
+
+stepped = st.builds(
+    blocks,
+    n_layers=st.integers(1, 5),
+    saved=st.lists(st.integers(4096, 4 * MiB), min_size=1, max_size=4),
+    out_bytes=st.integers(4096, MiB),
+    op_s=st.lists(st.floats(1e-5, 2e-3), min_size=1, max_size=4),
+)
+
+
+def _lives(trace: Trace) -> bool:
+    """Every op touches only live storages."""
+    by_id = trace.storage_by_id
+    for op in trace.ops:
+        for sid in (*op.inputs, *op.outputs):
+            s = by_id[sid]
+            if not ((s.created_at is None or s.created_at <= op.index)
+                    and (s.freed_at is None or op.index <= s.freed_at)):
+                return False
+    return True
+
+
+@settings(max_examples=60, deadline=None)
+@given(trace=stepped)
+def test_a_recomputed_layer_holds_nothing_of_its_own_between_forward_and_backward(trace):
+    layers = recomputable_layers(trace)
+    assert set(layers) == set(range(len(trace.layers)))  # each h is its layer's own
+    for index, layer in layers.items():
+        rewritten = with_recomputed_layers(trace, [index])
+        assert _lives(rewritten)
+        rerun = layer.last_op - layer.forward[0] + 1
+        assert len(rewritten.ops) == len(trace.ops) + rerun
+        assert [op.index for op in rewritten.ops] == list(range(len(rewritten.ops)))
+        # between the end of the forward pass and the rerun, the layer's saved bytes are gone
+        end_forward = max(op.index for op in trace.ops if op.phase is Phase.FORWARD)
+        dropped = sum(trace.storages[sid].nbytes for sid in layer.saved)
+        assert rewritten.live_bytes[end_forward] == trace.live_bytes[end_forward] - dropped
+        # the rerun costs what the forward ops cost
+        extra = sum(op.duration_s for op in rewritten.ops) - sum(op.duration_s
+                                                                  for op in trace.ops)
+        assert extra == pytest.approx(sum(op.duration_s for op in
+                                          trace.ops[layer.forward[0]: layer.last_op + 1]))
+    everything = with_recomputed_layers(trace, layers)
+    assert _lives(everything) and everything.meta["recomputed_layers"] == sorted(layers)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=stepped, access=st.sampled_from([Access.DIRECT, Access.MIGRATE]),
+       link=st.sampled_from([64 * MiB, 16384 * MiB]), share=st.floats(0.05, 1.0))
+def test_recompute_is_never_slower_and_never_raises_the_floor(trace, access, link, share):
+    hw = hardware(access, link)
+    with_rc, without = context(trace, hw, recompute=True), context(trace, hw)
+    assert min_budget(with_rc, "sentinel") <= min_budget(without, "sentinel")
+    budget = max(1, int(trace.peak_bytes * share))
+    times = {}
+    for name, ctx, policy in (("keep or move", without, "sentinel"),
+                              ("keep, move or recompute", with_rc, "sentinel"),
+                              ("checkpoint-all", without, "checkpoint-all")):
+        try:
+            plan = sh.plan(trace, hw, budget, policy, ctx=ctx)
+        except sh.SentinelError:
+            continue
+        result = sh.simulate(trace, plan, hw)  # the plan names its recomputed layers
+        assert result.overflow_bytes == 0 and result.peak_fast_bytes <= budget, name
+        times[name] = result.step_s
+    best = times.get("keep, move or recompute")
+    if times:
+        assert best is not None, times  # what either other choice fits, recompute fits
+        assert best <= min(times.values()) * (1 + 1e-9), times
+
+
+def test_plan_files_keep_the_recomputed_layers(tmp_path):
+    trace = blocks(3, [2 * MiB], 64 * 1024, [1e-4])
+    plan = sh.plan(trace, hardware(Access.MIGRATE), "60%", "checkpoint-all")
+    assert plan.recompute == (0, 1, 2)
+    loaded = load_plan(save_plan(plan, tmp_path / "plan.json"))
+    assert loaded == plan
+    assert sh.simulate(trace, loaded, "host").peak_fast_bytes == sh.simulate(
+        trace, plan, "host").peak_fast_bytes
+    # a no-recompute context never recomputes
+    plain = sh.plan(trace, hardware(Access.MIGRATE), "60%", "sentinel", recompute=False)
+    assert plain.recompute == ()
