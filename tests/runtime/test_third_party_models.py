@@ -201,6 +201,7 @@ def test_third_party_model_is_bitwise_equal_within_budget(name, budget):
     stats = ours.stats  # steady, audited within budget, bytes moved (checked before close)
     assert stats["budget_bytes"] < stats["all_fast_peak_bytes"]  # every budget here binds
     assert stats["bytes_to_slow_per_step"] > 0 and stats["bytes_to_fast_per_step"] > 0
-    assert stats["profiles"] == 1
+    # one profile, and one more when the plan recomputes layers (NOTE [Recomputed layers])
+    assert stats["profiles"] == 1 + bool(stats["recomputed_layers"]), stats
     if budget == "min":  # at the floor everything moves: parameters, gradients, AdamW state
         assert ours.moved == {"params", "grads", "states", "saved"}

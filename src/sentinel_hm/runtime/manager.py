@@ -40,6 +40,17 @@ the parameter can leave fast memory in between. A parameter moves by copying
 its bytes and swapping ``param.data``; identity, version counter and the
 optimizer's state keys survive the swap.
 
+NOTE [Recomputed layers]
+With ``recompute=True`` (the default) the planner may choose, at the profiled
+step's budget, to recompute layers instead of keeping or moving their saved
+activations (NOTE [Recompute as a trace]). Those layers' forwards are then
+wrapped in non-reentrant ``torch.utils.checkpoint`` (which restores the RNG
+state, so dropout draws the same) and the next step is profiled again: the
+plan of moves is made on the step as it now runs, against the same budget
+(shares of the all-fast peak of the program as written). Layers with batch
+norm are never recomputed (a rerun would update its running statistics twice).
+``close()``, and a budget given up on, restore the layers' own forwards.
+
 NOTE [Checkpoints]
 Between steps, parameters and optimizer state in the slow tier are views of
 the slow arena, and ``torch.save`` writes a view's whole storage (the arena).
@@ -63,6 +74,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from sentinel_hm.core.hardware import Access, Hardware
@@ -119,6 +131,7 @@ class Stats:
     mismatches: list[str] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)  # test-and-trial steps
     chosen_interval: str | None = None
+    recomputed_layers: list[str] = field(default_factory=list)  # NOTE [Recomputed layers]
     note: str | None = None  # e.g. why nothing moves
 
     def summary(self) -> dict[str, Any]:
@@ -138,6 +151,7 @@ class Stats:
             "predicted_peak_fast_bytes": self.predicted_peak_fast_bytes,
             "profiles": self.profiles, "mismatches": list(self.mismatches),
             "trials": list(self.trials), "chosen_interval": self.chosen_interval,
+            "recomputed_layers": list(self.recomputed_layers),
             "note": self.note,
         }
 
@@ -160,6 +174,7 @@ class Sentinel:
         tiers: str = "auto",
         policy: str = "sentinel",
         trials: int = 3,
+        recompute: bool = True,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -169,6 +184,13 @@ class Sentinel:
             raise SentinelError(f"trials={trials} is negative: give 0 (no trials) or more")
         _refuse_compiled(model)
         self.trials = trials
+        if not isinstance(recompute, bool):
+            raise SentinelError(f"recompute={recompute!r} is not a bool: give True (the plan may "
+                                "recompute layers) or False")
+        self.recompute = recompute
+        # NOTE [Recomputed layers]: layer name -> (module, its own forward attribute or None)
+        self._checkpointed: dict[str, tuple[nn.Module, Any]] = {}
+        self._peak: int | None = None  # the all-fast peak of the program as the user wrote it
         self._tune: list[tuple[str, float]] = []  # interval lengths still to try: (label, predicted)
         # the fast tier is where the model lives (GPU memory for a model on a GPU)
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -286,6 +308,7 @@ class Sentinel:
         """Bring everything back to fast memory and stop the mover: training can go on
         without Sentinel."""
         self._restore()
+        self._uncheckpoint()
         self.mover.close()
         self.tiers.close()
         for h in self._state_dict_hooks:
@@ -339,16 +362,24 @@ class Sentinel:
         streamed = "optimizer_chunks" in trace.meta
         self._ctx = context(trace, hw, movable=movable, stream_optimizer=streamed,
                             clock=events.clock(trace), device=str(self._device))
+        if not self._checkpointed:  # the program as written: budgets are shares of its peak
+            self._peak = trace.peak_bytes
+        peak = self._peak or trace.peak_bytes
         if self.fast_memory == "min":
-            self._budget = min(min_budget(self._ctx, self.policy), trace.peak_bytes)
-            if self._budget >= trace.peak_bytes:
+            self._budget = min(min_budget(self._ctx, self.policy), peak)
+        else:
+            self._budget = parse_budget(self.fast_memory, peak)
+        if self._recompute_layers(trace):
+            self._phase = "profile"  # NOTE [Recomputed layers]: profiled again, recomputing
+            return
+        if self.fast_memory == "min":
+            self._budget = min(min_budget(self._ctx, self.policy), peak)
+            if self._budget >= peak:
                 self._stats.note = (
                     f"no plan makes this step's fast-memory peak smaller than its all-fast "
-                    f"peak, {format_bytes(trace.peak_bytes)}: nothing moves"
+                    f"peak, {format_bytes(peak)}: nothing moves"
                 )
                 warnings.warn(f"sentinel: {self._stats.note}", stacklevel=4)
-        else:
-            self._budget = parse_budget(self.fast_memory, trace.peak_bytes)
         self._replans = 0
         self._refused = None
         try:
@@ -364,6 +395,47 @@ class Sentinel:
             self._phase = "trial"
             return
         self._start_trials()
+
+    def _recompute_layers(self, trace: Trace) -> bool:
+        """NOTE [Recomputed layers]: whether the planner recomputes layers at this budget; if
+        so, they are wrapped in checkpoints and the step must be profiled again."""
+        if not self.recompute or self._checkpointed or self.policy != "sentinel":
+            return False
+        modules = dict(self.model.named_modules())
+        allowed = frozenset(
+            layer.index for layer in trace.layers
+            if layer.name in modules and layer.name and not _updates_buffers(modules[layer.name]))
+        if not allowed:
+            return False
+        # the choice is the planner's (on the profiled step, before the runtime's clock:
+        # the clock's op indices are the profiled step's, and a recomputing step has more ops)
+        ctx = dataclasses.replace(self._ctx, clock=None, recompute=allowed, min_budgets={})
+        budget = self._budget if self.fast_memory != "min" else min_budget(ctx, self.policy)
+        if budget >= trace.peak_bytes:
+            return False
+        try:
+            plan = make_plan(trace, ctx.hardware, budget, self.policy, ctx=ctx)
+        except SentinelError:
+            return False
+        if not plan.recompute:
+            return False
+        for index in plan.recompute:
+            name = trace.layers[index].name
+            module = modules[name]
+            self._checkpointed[name] = (module, module.__dict__.get("forward"))
+            module.forward = partial(torch.utils.checkpoint.checkpoint, module.forward,
+                                     use_reentrant=False)
+        self._stats.recomputed_layers = list(self._checkpointed)
+        return True
+
+    def _uncheckpoint(self) -> None:
+        """The layers' own forwards back (NOTE [Recomputed layers])."""
+        for module, own in self._checkpointed.values():
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+        self._checkpointed = {}
 
     def _start_trials(self) -> None:
         """Test-and-trial (the seed's method): time a few interval lengths in real steps.
@@ -420,7 +492,8 @@ class Sentinel:
             self._ctx = dataclasses.replace(self._ctx, fixed=self._ctx.fixed | held,
                                             min_budgets={})
             if self.fast_memory == "min" or self._refused is not None:
-                self._budget = min(min_budget(self._ctx, self.policy), self.trace.peak_bytes)
+                self._budget = min(min_budget(self._ctx, self.policy),
+                                   self._peak or self.trace.peak_bytes)
             try:
                 self._make_plan(self.trace, self._budget)
                 return
@@ -464,13 +537,13 @@ class Sentinel:
         """A measured peak rounded up to the planner's resolution (1/256 of the peak): a later
         step may allocate a few bytes more (a loss the loop keeps, say)."""
         assert self.trace is not None
-        grain = max(1, self.trace.peak_bytes // 256)
+        grain = max(1, (self._peak or self.trace.peak_bytes) // 256)
         return -(-measured // grain) * grain
 
     def _refuse(self, measured: int) -> None:
         """The budget asked for is below the smallest plan, which measured ``measured``."""
         assert self.trace is not None and self._refused is not None
-        peak = self.trace.peak_bytes
+        peak = self._peak or self.trace.peak_bytes
         asked, self._refused = self._refused, None
         quote = max(self._rounded(measured), min_budget(self._ctx, self.policy))
         where = explain_min_budget(self._ctx, self.policy).describe("the smallest plan")
@@ -488,13 +561,14 @@ class Sentinel:
         """NOTE [Measured budget]: everything back in fast memory, later steps run plain."""
         works = min(self._audited_peaks, default=None)
         works = self._rounded(works) if works is not None else None
-        peak = self.trace.peak_bytes if self.trace is not None else 0
+        peak = self._peak or (self.trace.peak_bytes if self.trace is not None else 0)
         advice = (
             f"the smallest budget measured to work is {format_bytes(works)}"
             f" ({works / peak:.0%} of the all-fast peak): use fast_memory={works} or more"
             if works is not None and peak else "raise fast_memory"
         )
         self._restore()
+        self._uncheckpoint()
         self._phase = self._stats.phase = "off"
         raise SentinelError(f"{why}; {advice}. Training can go on: later steps run without "
                             "Sentinel (everything is back in fast memory)")
@@ -523,7 +597,7 @@ class Sentinel:
         self.prediction = simulate(trace, plan, hw, cost=ctx.cost)
         self._stats.budget_bytes = budget
         self._stats.planned_for_bytes = target
-        self._stats.all_fast_peak_bytes = trace.peak_bytes
+        self._stats.all_fast_peak_bytes = self._peak or trace.peak_bytes
         self._stats.predicted_step_s = self.prediction.step_s
         self._stats.predicted_peak_fast_bytes = self.prediction.peak_fast_bytes
         self.tiers.reserve(schedule.arena_bytes)
@@ -719,6 +793,13 @@ class Sentinel:
 
 def _nothing(_: int) -> None:
     pass
+
+
+def _updates_buffers(module: nn.Module) -> bool:
+    """Whether running ``module`` in training changes its buffers (batch norm's running
+    statistics): a recomputation would update them twice."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in module.modules())
 
 
 def _refuse_compiled(model: nn.Module) -> None:

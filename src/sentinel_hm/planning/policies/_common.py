@@ -46,8 +46,9 @@ class Context:
     # tier never moves the CPU scalars Adam counts its steps in); None: any storage
     device: str | None = None
     # whether the sentinel policy may recompute layers instead of keeping or moving their
-    # saved activations (NOTE [Recompute as a trace]); a runtime that cannot says False
-    recompute: bool = False
+    # saved activations (NOTE [Recompute as a trace]), or only these layers (a runtime does
+    # not recompute layers whose rerun would change buffers, such as batch norm's)
+    recompute: bool | frozenset[int] = False
     min_budgets: dict[str, int] = field(default_factory=dict, compare=False)  # planner's cache
 
     @cached_property

@@ -302,6 +302,8 @@ def _recompute_sets(ctx: Context) -> list[tuple[int, ...]]:
     per second of recomputation (the cost model's times of the ops rerun), in prefixes of
     1, 2, 4, ... layers and all of them."""
     layers = recomputable_layers(ctx.trace)
+    if isinstance(ctx.recompute, frozenset):
+        layers = {i: layer for i, layer in layers.items() if i in ctx.recompute}
     base = ctx.cost.base_s
 
     def worth(layer: RecomputableLayer) -> float:

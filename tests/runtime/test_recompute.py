@@ -1,0 +1,120 @@
+"""Recomputed layers in real training (NOTE [Recomputed layers]): where moving saved
+activations costs more link time than rerunning the layers that made them, the plan recomputes
+those layers, and training stays bit for bit what it is without Sentinel (dropout included:
+the checkpoint restores the RNG state)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sentinel_hm as sh
+
+from .test_sentinel import assert_same
+
+# a link so slow that moving a block's saved activations costs far more than rerunning it,
+# whatever the noise of this machine's op times
+SLOW_LINK = "throttled:h2d=0.05GB/s,d2h=0.05GB/s"
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, checkpointed: bool, norm: type[nn.Module]) -> None:
+        super().__init__()
+        self.f = nn.Sequential(norm(width), nn.Linear(width, width), nn.GELU(),
+                               nn.Dropout(0.1), nn.Linear(width, width))
+        self.checkpointed = checkpointed  # the user's own activation checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed:
+            return x + torch.utils.checkpoint.checkpoint(self.f, x, use_reentrant=False)
+        return x + self.f(x)
+
+
+class _Net(nn.Module):
+    def __init__(self, checkpointed: bool = False, norm: type[nn.Module] = nn.LayerNorm,
+                 width: int = 64, n: int = 6) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(width, checkpointed, norm) for _ in range(n))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return nn.functional.cross_entropy(self.head(x), y)
+
+
+def _run(budget: str | None, recompute: bool = True, checkpointed: bool = False,
+         norm: type[nn.Module] = nn.LayerNorm, steps: int = 9
+         ) -> tuple[list, list, sh.Sentinel | None]:
+    torch.manual_seed(0)
+    model = _Net(checkpointed, norm)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sentinel = (sh.Sentinel(model, opt, fast_memory=budget, tiers=SLOW_LINK, trials=0,
+                            recompute=recompute) if budget else None)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for i in range(steps):
+        x, y = torch.randn(512, 64, generator=gen), torch.randint(0, 10, (512,), generator=gen)
+        if sentinel is not None and i == steps - 1:
+            sentinel.audit()
+        with sentinel.step() if sentinel else torch.enable_grad():
+            loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses.append(loss.detach())
+    if sentinel is not None:
+        sentinel.close()
+    return losses, [p.detach().clone() for p in model.parameters()], sentinel
+
+
+def test_recomputed_layers_train_bitwise_within_budget():
+    plain = _run(None)
+    losses, params, sentinel = _run("30%")
+    assert sentinel is not None
+    stats = sentinel.stats()
+    assert stats["recomputed_layers"], stats  # the plan chose to recompute
+    assert all(name.startswith("blocks.") for name in stats["recomputed_layers"])
+    assert stats["phase"] == "steady" and stats["profiles"] == 2, stats  # once more, recomputing
+    assert stats["bytes_to_slow_per_step"] > 0
+    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
+    assert_same(plain[0], losses)
+    assert_same(plain[1], params)
+    # close() gave the layers their own forwards back
+    assert not any("forward" in m.__dict__ for m in sentinel.model.modules())
+
+
+def test_without_recompute_nothing_is_recomputed():
+    _, _, sentinel = _run("30%", recompute=False, steps=4)
+    assert sentinel is not None
+    assert sentinel.stats()["recomputed_layers"] == [] and sentinel.stats()["profiles"] == 1
+
+
+def test_a_model_that_checkpoints_itself_keeps_working():
+    plain = _run(None, checkpointed=True)
+    losses, params, sentinel = _run("min", checkpointed=True)
+    assert sentinel is not None
+    stats = sentinel.stats()
+    assert stats["phase"] == "steady" and stats["bytes_to_slow_per_step"] > 0, stats
+    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
+    assert_same(plain[0], losses)
+    assert_same(plain[1], params)
+
+
+def test_batch_norm_layers_are_never_recomputed():
+    """A rerun would update the running statistics a second time: the same blocks with batch
+    norm instead of layer norm keep or move their activations."""
+    plain = _run(None, norm=nn.BatchNorm1d, steps=5)
+    losses, params, sentinel = _run("30%", norm=nn.BatchNorm1d, steps=5)
+    assert sentinel is not None
+    assert sentinel.stats()["recomputed_layers"] == []
+    assert sentinel.stats()["bytes_to_slow_per_step"] > 0
+    assert_same(plain[0], losses)
+    assert_same(plain[1], params)
+
+
+def test_recompute_must_be_a_bool():
+    model = _Net()
+    with pytest.raises(sh.SentinelError, match="recompute="):
+        sh.Sentinel(model, torch.optim.SGD(model.parameters(), lr=0.1), recompute="yes")
