@@ -9,8 +9,13 @@
    targets sentinel within 8% of all-fast, and at least 15% faster than
    first-touch and page-lru. Where sentinel misses, `sentinel plan` says why
    (stalls, in-place slow access, traffic).
+3. Recompute (keep, move or recompute): sentinel with and without recomputation,
+   checkpoint-all and offload-all at 10/20/30/50%, and the floors (smallest
+   feasible budgets) with and without. Targets on h100-sxm at 20%: GPT at most
+   x1.25, CNN at most x1.5; with recompute never slower than the best other
+   policy at any budget; floors no higher than without.
 
-Writes benchmarks/results/planner_<date>.md and .json.
+Writes benchmarks/results/planner_<size>_<date>.md and .json.
 """
 
 from __future__ import annotations
@@ -79,6 +84,18 @@ def speed(repeats: int) -> dict[str, object]:
     return out
 
 
+def floors(trace_path: Path, hw: str) -> dict[str, float]:
+    """The sentinel policy's smallest feasible budget, with and without recompute, as shares
+    of the all-fast peak."""
+    from sentinel_hm.planning.planner import context, min_budget
+    from sentinel_hm.trace.io import load_trace
+
+    trace = load_trace(trace_path)
+    return {("recompute" if rc else "no_recompute"):
+            min_budget(context(trace, hw, recompute=rc), "sentinel") / trace.peak_bytes
+            for rc in (True, False)}
+
+
 def cli(*argv: str) -> str:
     from sentinel_hm.cli.main import main
 
@@ -120,13 +137,38 @@ def main() -> int:
                     why = "20% refused (see the refused cells above)"
                 tables[f"{workload}/{hw}"] = {"table": text.strip(), "sentinel_at_20": why.strip(),
                                               "data": json.loads(json_path.read_text())}
+                plain_path = Path(tmp) / f"{workload}-{hw}-no-recompute.json"
+                cli("simulate", str(trace_path), "--hardware", hw, "--budgets", BUDGETS,
+                    "--policies", "sentinel", "--no-recompute", "--json", str(plain_path))
+                tables[f"{workload}/{hw}"]["no_recompute"] = json.loads(plain_path.read_text())
+                tables[f"{workload}/{hw}"]["floors"] = floors(trace_path, hw)
 
-    def slowdown(key: str, budget: str, policy: str) -> float | None:
-        for row in tables[key]["data"]["rows"]:  # type: ignore[index]
+    def slowdown(key: str, budget: str, policy: str, data: str = "data") -> float | None:
+        for row in tables[key][data]["rows"]:  # type: ignore[index]
             if row["budget"] == budget:
                 cell = row["cells"].get(policy, {})
                 return cell.get("slowdown") if isinstance(cell, dict) else None
         return None
+
+    recompute_rows = []
+    for key in tables:
+        hw = key.split("/")[1]
+        for budget in ("10%", "20%", "30%", "50%"):
+            others = {pol: slowdown(key, budget, pol) for pol in
+                      ("checkpoint-all", "offload-all", "vdnn", "all-slow", "page-lru",
+                       "first-touch")}
+            best_other = min((v for v in others.values() if v is not None), default=None)
+            rc = slowdown(key, budget, "sentinel")
+            recompute_rows.append({
+                "key": key, "budget": budget, "recompute": rc,
+                "no_recompute": slowdown(key, budget, "sentinel", "no_recompute"),
+                "checkpoint_all": others["checkpoint-all"], "offload_all": others["offload-all"],
+                "best_other": best_other,
+                "never_slower": best_other is None or (rc is not None
+                                                        and rc <= best_other * (1 + 1e-9)),
+                "target": ({"gpt": 1.25, "cnn": 1.5}[key.split("/")[0]]
+                           if hw == "h100-sxm" and budget == "20%" else None),
+            })
 
     checks = []
     for workload in ("gpt", "cnn"):
@@ -165,11 +207,37 @@ def main() -> int:
         lines.append(f"| {c['workload']} | {num(c['sentinel_20'])} | {num(c['first_touch_20'])} | "
                      f"{num(c['page_lru_20'])} | {'yes' if c['within_8pct'] else 'no'} | "
                      f"{pct(c['vs_first_touch'])} | {pct(c['vs_page_lru'])} |")
+    lines += ["", "## Recompute: keep, move or recompute", "",
+              "Predicted slowdown over all-fast; sentinel decides per layer whether to keep, "
+              "move or recompute its saved activations (docs/planning.md).", "",
+              "| trace / hardware | budget | sentinel | sentinel, no recompute | checkpoint-all "
+              "| offload-all | best other | never slower than the others | target |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+
+    def cell(x: object) -> str:
+        return "refused" if x is None else f"x{x:.3f}"
+
+    for r in recompute_rows:
+        target = r["target"]
+        verdict = "-"
+        if target is not None:
+            met = r["recompute"] is not None and r["recompute"] <= target
+            verdict = f"<= x{target}: {'met' if met else '**missed**'}"
+        lines.append(f"| {r['key']} | {r['budget']} | {cell(r['recompute'])} | "
+                     f"{cell(r['no_recompute'])} | {cell(r['checkpoint_all'])} | "
+                     f"{cell(r['offload_all'])} | {cell(r['best_other'])} | "
+                     f"{'yes' if r['never_slower'] else '**no**'} | {verdict} |")
+    lines += ["", "| trace / hardware | floor with recompute | floor without | lower or equal |",
+              "|---|---:|---:|---|"]
+    for key, v in tables.items():
+        f = v["floors"]
+        lines.append(f"| {key} | {f['recompute']:.1%} | {f['no_recompute']:.1%} | "  # type: ignore[index]
+                     f"{'yes' if f['recompute'] <= f['no_recompute'] else '**no**'} |")  # type: ignore[index]
     for key, v in tables.items():
         lines += ["", f"## {key}: slowdown over all-fast", "", "```", str(v["table"]), "```", "",
                   "`sentinel plan --budget 20%`:", "", "```", str(v["sentinel_at_20"]), "```"]
-    write_results(args.out_dir, f"planner_{env['day']}",
-                  {"env": env, "speed": speed_row, "checks": checks,
+    write_results(args.out_dir, f"planner_{args.size}_{env['day']}",
+                  {"env": env, "speed": speed_row, "checks": checks, "recompute": recompute_rows,
                    "tables": {k: v["data"] for k, v in tables.items()}}, lines)
     return 0
 
