@@ -82,3 +82,22 @@ def agree(params: list[torch.Tensor]) -> bool:
     for p in theirs:
         dist.broadcast(p, src=0)
     return all(torch.equal(a, b) for a, b in zip(theirs, params, strict=True))
+
+
+Run = tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]  # losses, params, stats
+
+
+def compare(plain: Run, ours: Run) -> dict[str, Any]:
+    """What a rank reports of a run under Sentinel against its plain twin (collective: every
+    rank calls it)."""
+    stats = ours[2]
+    return {
+        "losses_equal": all(torch.equal(a, b) for a, b in zip(plain[0], ours[0], strict=True)),
+        "params_equal": all(torch.equal(a, b) for a, b in zip(plain[1], ours[1], strict=True)),
+        "ranks_agree": agree(ours[1]),
+        "phase": stats["phase"],
+        "moved": stats["bytes_to_slow_per_step"],
+        "audited": stats["audited_peak_fast_bytes"],
+        "budget": stats["budget_bytes"],
+        "peak": stats["all_fast_peak_bytes"],
+    }

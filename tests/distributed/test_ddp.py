@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sentinel_hm as sh
 
-from .launch import Net, agree, run_ranks
+from .launch import Net, compare, run_ranks
 
 STEPS = 9  # two warm-up steps, the profile, the trial, then steady steps
 
@@ -39,19 +39,7 @@ def _train(rank: int, budget: str | None, bucket_view: bool) -> tuple[list, list
 
 
 def _compare(rank: int, bucket_view: bool) -> dict:
-    plain_losses, plain_params, _ = _train(rank, None, bucket_view)
-    losses, params, stats = _train(rank, "min", bucket_view)
-    return {
-        "losses_equal": all(torch.equal(a, b) for a, b in zip(plain_losses, losses,
-                                                              strict=True)),
-        "params_equal": all(torch.equal(a, b) for a, b in zip(plain_params, params,
-                                                              strict=True)),
-        "ranks_agree": agree(params),
-        "phase": stats["phase"],
-        "moved": stats["bytes_to_slow_per_step"],
-        "audited": stats["audited_peak_fast_bytes"],
-        "budget": stats["budget_bytes"],
-    }
+    return compare(_train(rank, None, bucket_view), _train(rank, "min", bucket_view))
 
 
 @pytest.mark.slow

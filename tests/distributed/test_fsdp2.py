@@ -15,7 +15,7 @@ import torch.distributed.checkpoint.state_dict
 
 import sentinel_hm as sh
 
-from .launch import Net, agree, run_ranks
+from .launch import Net, compare, run_ranks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
@@ -70,20 +70,7 @@ def _train(rank: int, budget: str | None) -> tuple[list, list, dict]:
 
 
 def _compare(rank: int, budget: str) -> dict:
-    plain_losses, plain_params, _ = _train(rank, None)
-    losses, params, stats = _train(rank, budget)
-    return {
-        "losses_equal": all(torch.equal(a, b) for a, b in zip(plain_losses, losses,
-                                                              strict=True)),
-        "params_equal": all(torch.equal(a, b) for a, b in zip(plain_params, params,
-                                                              strict=True)),
-        "ranks_agree": agree(params),
-        "phase": stats["phase"],
-        "moved": stats["bytes_to_slow_per_step"],
-        "audited": stats["audited_peak_fast_bytes"],
-        "budget": stats["budget_bytes"],
-        "peak": stats["all_fast_peak_bytes"],
-    }
+    return compare(_train(rank, None), _train(rank, budget))
 
 
 @pytest.mark.slow
