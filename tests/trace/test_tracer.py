@@ -165,6 +165,24 @@ def test_find_layers_nested_wrapper_and_flat_models():
     assert [n for n, _ in find_layers(torch.nn.Linear(2, 2))] == ["Linear"]
 
 
+def test_find_layers_stages_of_blocks_give_the_blocks():
+    """A sequence of stages, each a sequence of blocks (the reference CNN): the blocks are the
+    layers (a whole stage would be too coarse to plan or recompute), as for a torchvision
+    ResNet whose stages are top-level children."""
+    def block() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Linear(4, 4)
+            self.stages = torch.nn.Sequential(*(torch.nn.Sequential(block(), block())
+                                                for _ in range(2)))
+
+    assert [n for n, _ in find_layers(Net())] == [
+        "stem", "stages.0.0", "stages.0.1", "stages.1.0", "stages.1.1"]
+
+
 def test_add_layer_marks_without_a_model():
     w = [torch.randn(D, D, requires_grad=True) for _ in range(3)]
     x = torch.randn(B, D)
