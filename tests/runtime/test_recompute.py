@@ -45,7 +45,7 @@ class _Net(nn.Module):
 
 
 def _run(budget: str | None, recompute: bool = True, checkpointed: bool = False,
-         norm: type[nn.Module] = nn.LayerNorm, steps: int = 9
+         norm: type[nn.Module] = nn.LayerNorm, steps: int = 9, buffers: bool = False
          ) -> tuple[list, list, sh.Sentinel | None]:
     torch.manual_seed(0)
     model = _Net(checkpointed, norm)
@@ -66,7 +66,8 @@ def _run(budget: str | None, recompute: bool = True, checkpointed: bool = False,
         losses.append(loss.detach())
     if sentinel is not None:
         sentinel.close()
-    return losses, [p.detach().clone() for p in model.parameters()], sentinel
+    state = [*model.parameters(), *(model.buffers() if buffers else ())]
+    return losses, [t.detach().clone() for t in state], sentinel
 
 
 def test_recomputed_layers_train_bitwise_within_budget():
@@ -102,16 +103,15 @@ def test_a_model_that_checkpoints_itself_keeps_working():
     assert_same(plain[1], params)
 
 
-def test_batch_norm_layers_are_never_recomputed():
-    """A rerun would update the running statistics a second time: the same blocks with batch
-    norm instead of layer norm keep or move their activations."""
-    plain = _run(None, norm=nn.BatchNorm1d, steps=5)
-    losses, params, sentinel = _run("30%", norm=nn.BatchNorm1d, steps=5)
+def test_batch_norm_is_updated_once_per_step_when_recomputed():
+    """The same blocks with batch norm: a rerun would update the running statistics a second
+    time; the runtime gives back what the rerun changed, so they match plain training."""
+    plain = _run(None, norm=nn.BatchNorm1d, buffers=True)
+    losses, state, sentinel = _run("30%", norm=nn.BatchNorm1d, buffers=True)
     assert sentinel is not None
-    assert sentinel.stats()["recomputed_layers"] == []
-    assert sentinel.stats()["bytes_to_slow_per_step"] > 0
+    assert sentinel.stats()["recomputed_layers"], sentinel.stats()
     assert_same(plain[0], losses)
-    assert_same(plain[1], params)
+    assert_same(plain[1], state)  # parameters, running means and variances, batch counts
 
 
 def test_recompute_must_be_a_bool():

@@ -47,8 +47,9 @@ activations (NOTE [Recompute as a trace]). Those layers' forwards are then
 wrapped in non-reentrant ``torch.utils.checkpoint`` (which restores the RNG
 state, so dropout draws the same) and the next step is profiled again: the
 plan of moves is made on the step as it now runs, against the same budget
-(shares of the all-fast peak of the program as written). Layers with batch
-norm are never recomputed (a rerun would update its running statistics twice).
+(shares of the all-fast peak of the program as written). A rerun gives back
+the buffers it changed, so batch norm's running statistics are updated once a
+step, as without recomputation.
 ``close()``, and a budget given up on, restore the layers' own forwards.
 
 NOTE [Checkpoints]
@@ -402,9 +403,8 @@ class Sentinel:
         if not self.recompute or self._checkpointed or self.policy != "sentinel":
             return False
         modules = dict(self.model.named_modules())
-        allowed = frozenset(
-            layer.index for layer in trace.layers
-            if layer.name in modules and layer.name and not _updates_buffers(modules[layer.name]))
+        allowed = frozenset(layer.index for layer in trace.layers
+                            if layer.name and layer.name in modules)
         if not allowed:
             return False
         # the choice is the planner's (on the profiled step, before the runtime's clock:
@@ -423,8 +423,9 @@ class Sentinel:
             name = trace.layers[index].name
             module = modules[name]
             self._checkpointed[name] = (module, module.__dict__.get("forward"))
-            module.forward = partial(torch.utils.checkpoint.checkpoint, module.forward,
-                                     use_reentrant=False)
+            module.forward = partial(
+                torch.utils.checkpoint.checkpoint, module.forward, use_reentrant=False,
+                context_fn=partial(_rerun_keeps_buffers, list(module.buffers())))
         self._stats.recomputed_layers = list(self._checkpointed)
         return True
 
@@ -795,11 +796,23 @@ def _nothing(_: int) -> None:
     pass
 
 
-def _updates_buffers(module: nn.Module) -> bool:
-    """Whether running ``module`` in training changes its buffers (batch norm's running
-    statistics): a recomputation would update them twice."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-               for m in module.modules())
+def _rerun_keeps_buffers(
+        buffers: list[torch.Tensor]) -> tuple[contextlib.AbstractContextManager[None],
+                                              contextlib.AbstractContextManager[None]]:
+    """Checkpoint contexts (forward, rerun): the rerun gives back the buffers it changed, so
+    batch norm's running statistics are updated once per step (NOTE [Recomputed layers])."""
+    return contextlib.nullcontext(), _kept(buffers)
+
+
+@contextlib.contextmanager
+def _kept(buffers: list[torch.Tensor]) -> Iterator[None]:
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(buffers, saved, strict=True):
+                b.copy_(value)
 
 
 def _refuse_compiled(model: nn.Module) -> None:
