@@ -198,8 +198,7 @@ class Sentinel:
         if tiers == "auto" and self._device.type == "cuda":
             tiers = "cuda"
         self.tiers = open_tiers(tiers, self._device)
-        # device tiers (CUDA) enqueue copies on their own streams instead of mover threads
-        self.mover = Mover(device=self.tiers if hasattr(self.tiers, "submit") else None)
+        self.mover = Mover(self.tiers)  # copies run on the tiers' engine (NOTE [Copy engine])
         self.trace: Trace | None = None
         self.plan: Plan | None = None
         self.schedule: Schedule | None = None

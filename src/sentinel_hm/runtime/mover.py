@@ -1,86 +1,62 @@
-"""The mover: copies between tiers on one thread per direction, with exact stall accounting.
+"""The mover: copies between tiers through the tiers' copy engine, with exact accounting.
 
-Copies run in issue order per direction (like a GPU's copy engines). The
-compute thread waits only when an op needs data whose copy has not finished;
-that wait is the stall. ``synchronous=True`` runs copies on the caller's
-thread (used by audits, so that a tracer sees every copy).
+The engine (mover threads for the host tiers, side streams for CUDA) runs
+copies beside compute; NOTE [Copy engine] in ``tiers/base.py`` says what it
+promises. The compute waits only when an op needs data whose copy has not
+finished; the seconds the host blocks for that are the stall.
+``synchronous=True`` makes every copy part of the compute (used by audits, so
+that a tracer sees every copy).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+
+import torch
 
 from sentinel_hm.core.plan import Tier
-
-
-def _done() -> Future[None]:
-    f: Future[None] = Future()
-    f.set_result(None)
-    return f
+from sentinel_hm.tiers.base import Completion, Tiers
 
 
 class Mover:
-    def __init__(self, device: Any = None) -> None:
-        """``device``: tiers whose copies run on device streams (`CudaTiers`), submitted
-        from the compute thread; NOTE [CUDA copies]."""
-        self.device = device
-        self._lanes = {
-            Tier.SLOW: ThreadPoolExecutor(1, thread_name_prefix="sentinel-to-slow"),
-            Tier.FAST: ThreadPoolExecutor(1, thread_name_prefix="sentinel-to-fast"),
-        }
+    def __init__(self, tiers: Tiers) -> None:
+        self.engine = tiers.engine()
         self.synchronous = False
         self.stall_s = 0.0
         self.bytes_moved = {Tier.SLOW: 0, Tier.FAST: 0}
-        self._pending: list[Future[None]] = []
 
-    def submit(self, to: Tier, nbytes: int, work: Callable[[], None]) -> Future[None]:
-        self.bytes_moved[to] += nbytes
+    def submit(self, to: Tier, dst: torch.Tensor, src: torch.Tensor,
+               after: Completion | None = None) -> Completion | None:
+        """Copy ``src`` into ``dst`` (toward tier ``to``) beside compute, after ``after``;
+        None when the copy is already part of the compute (synchronous)."""
+        self.bytes_moved[to] += dst.numel() * dst.element_size()
         if self.synchronous:
-            work()
-            return _done()
-        if self.device is not None:
-            return self.device.submit(to, work)
-        future = self._lanes[to].submit(work)
-        if len(self._pending) > 256:  # forget finished copies (their errors were seen by waits)
-            self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(future)
-        return future
+            self.wait(after)
+            self.engine.compute_copy(dst, src)
+            return None
+        return self.engine.submit(to, dst, src, after)
 
-    def wait(self, future: Future[None] | None) -> None:
-        """Block the compute thread until ``future`` is done, counting the wait as stall."""
-        if hasattr(future, "wait_on_device"):
-            future.wait_on_device()  # type: ignore[union-attr]
-            return
-        if future is None or future.done():
-            if future is not None:
-                future.result()  # surface a copy's exception
-            return
+    def wait(self, copy: Completion | None) -> None:
+        """Order the compute from now on after ``copy``, counting a blocked host as stall."""
+        if copy is not None:
+            self.stall_s += self.engine.compute_wait(copy)
+
+    def fetch_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """A fetch made by the compute itself, because the plan left the data slow: stall."""
         start = time.perf_counter()
-        future.result()
+        self.engine.compute_copy(dst, src)
         self.stall_s += time.perf_counter() - start
-
-    def stall(self, seconds: float) -> None:
-        """Count a synchronous fetch done on the compute thread."""
-        self.stall_s += seconds
+        self.bytes_moved[Tier.FAST] += dst.numel() * dst.element_size()
 
     def drain(self) -> None:
         """Wait for every copy issued so far (not counted as stall: used between steps, so
         that what the program reads between steps, such as optimizer state in pinned host
         memory for ``torch.save``, is complete)."""
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
-        if self.device is not None:
-            self.device.synchronize_copies()
+        self.engine.drain()
 
     def reset_counters(self) -> None:
         self.stall_s = 0.0
         self.bytes_moved = {Tier.SLOW: 0, Tier.FAST: 0}
 
     def close(self) -> None:
-        self.drain()
-        for lane in self._lanes.values():
-            lane.shutdown(wait=True)
+        self.engine.close()

@@ -3,11 +3,14 @@
 NOTE [Residency]
 An entry is FAST (its bytes in ordinary fast memory) or SLOW (its bytes in its
 slot of the slow arena). A move is issued on the compute thread and its copy
-runs on the mover; the entry's ``future`` is the copy in flight, and anything
-that needs the bytes waits for it first. An eviction drops every fast
-reference the runtime holds when its copy is done, so the fast memory is
-freed then (if the program holds no other reference). A prefetch allocates
-fast memory, copies, and switches the entry back. Saved activations are never
+runs on the copy engine (NOTE [Copy engine]); the entry's ``future`` is its
+last copy, and anything that needs the bytes waits for it first. The entry's
+state changes when the move is issued, as on a GPU whose host runs ahead of
+its copies: an eviction drops every fast reference the runtime holds at once
+(the engine keeps the bytes until its copy has read them, then the fast
+memory is freed if the program holds no other reference); a prefetch
+allocates fast memory and switches the entry back, its copy ordered after the
+entry's previous one (they share the slot). Saved activations are never
 written after they are saved (checked with ``_version``), so their slow copy
 stays valid and evicting them again costs nothing. Optimizer state and
 gradients are held by the program (``optimizer.state``, ``param.grad``): they
@@ -17,10 +20,8 @@ they leave, since the optimizer and backward write them.
 
 from __future__ import annotations
 
-import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -29,18 +30,11 @@ from sentinel_hm.core.hardware import Access
 from sentinel_hm.core.plan import Tier
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.runtime.mover import Mover
-from sentinel_hm.tiers.base import Tiers
+from sentinel_hm.tiers.base import Completion, Tiers
 
 
 def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-
-
-def _read_by(tiers: Tiers, t: torch.Tensor, to: Tier) -> None:
-    """Device memory a side-stream copy touches must outlive the copy (NOTE [CUDA copies])."""
-    read_by = getattr(tiers, "read_by", None)
-    if read_by is not None:
-        read_by(t, to)
 
 
 @dataclass(eq=False)
@@ -66,10 +60,12 @@ class SavedEntry:
     storage: torch.UntypedStorage | None  # fast bytes, or None when SLOW
     # weak: autograd owns the handles; an entry must not keep saved tensors alive
     handles: list[weakref.ref[Handle]] = field(default_factory=list)
-    future: Future[None] | None = None
-    in_slow: bool = False  # the slot holds the current bytes
+    future: Completion | None = None
+    in_slow: bool = False  # the slot holds (or its copy in flight will hold) the current bytes
     evicted_version: int | None = None  # the storage's version when its bytes left
-    torn: bool = False  # modified in place during its eviction copy
+    # a saved tensor over the storage when its bytes left: written in place since, the slot
+    # may hold bytes from before or after the write (checked at unpack, when the copy is done)
+    witness: weakref.ref[torch.Tensor] | None = None
     # the fast storage after its bytes left: alive at unpack means the program holds it too,
     # and the eviction freed nothing
     left_behind: weakref.ref[torch.UntypedStorage] | None = None
@@ -112,28 +108,17 @@ class SavedEntry:
                 )
 
     def evict(self, mover: Mover, tiers: Tiers) -> None:
-        mover.wait(self.future)  # a prefetch in flight lands first; then the bytes can leave
         if self.storage is None:
-            return
+            return  # already left (a copy in flight completes without the compute)
         self.check_versions()
         live = [h.tensor for h in self.live_handles() if h.tensor is not None]
         if live:
             self.evicted_version = live[0]._version
-        if self.in_slow:  # unchanged since it came back: the slot is current
-            self._drop_fast()
-            return
-        src = _bytes_of(self.storage)
-        _read_by(tiers, src, Tier.SLOW)
-        witness = live[0] if live else None  # shares the storage's version counter
-
-        def work() -> None:
-            tiers.copy(self.slot, src)
-            if witness is not None and witness._version != self.evicted_version:
-                self.torn = True  # written in place while being copied: the slot is not it
+            self.witness = weakref.ref(live[0])  # shares the storage's version counter
+        if not self.in_slow:  # the slot is stale (a prefetch leaves it current)
+            self.future = mover.submit(Tier.SLOW, self.slot, _bytes_of(self.storage))
             self.in_slow = True
-            self._drop_fast()
-
-        self.future = mover.submit(Tier.SLOW, self.nbytes, work)
+        self._drop_fast()
 
     def _drop_fast(self) -> None:
         if self.storage is not None:
@@ -143,25 +128,11 @@ class SavedEntry:
             h.tensor = None
 
     def prefetch(self, mover: Mover, tiers: Tiers) -> None:
-        pending = self.future
-        if self.storage is not None and pending is None:
-            return
-        fast = tiers.fast_empty(self.nbytes)  # allocated by the compute thread, on its stream
-        _read_by(tiers, fast, Tier.FAST)
-
-        def work() -> None:
-            if pending is not None:
-                # on a device stream: ordered after the eviction, the host does not block
-                if hasattr(pending, "wait_on_device"):
-                    pending.wait_on_device()
-                else:
-                    pending.result()
-            if self.storage is not None:
-                return
-            tiers.copy(fast, self.slot)
-            self.storage = fast.untyped_storage()
-
-        self.future = mover.submit(Tier.FAST, self.nbytes, work)
+        if self.storage is not None:
+            return  # fast, or on its way
+        fast = tiers.fast_empty(self.nbytes)  # allocated by the compute, on its stream
+        self.future = mover.submit(Tier.FAST, fast, self.slot, after=self.future)
+        self.storage = fast.untyped_storage()
 
     def materialize(self, h: Handle, mover: Mover, tiers: Tiers) -> torch.Tensor:
         """The saved tensor for autograd (on the compute thread)."""
@@ -171,7 +142,9 @@ class SavedEntry:
                 self.check_versions()
             return h.tensor
         original = h.original()
-        if self.torn or (original is not None and original._version != h.version):
+        witness = self.witness() if self.witness is not None else None
+        if ((witness is not None and witness._version != self.evicted_version)
+                or (original is not None and original._version != h.version)):
             raise SentinelError(
                 f"a tensor saved for backward (shape {tuple(h.size)}, {h.dtype}) was modified "
                 "in place after autograd saved it; its gradient would be wrong: clone it "
@@ -189,12 +162,9 @@ class SavedEntry:
                 return torch.empty(0, dtype=h.dtype).set_(
                     arena, self.slot_offset // itemsize + h.offset, h.size, h.stride
                 )
-            start = time.perf_counter()
             fast = tiers.fast_empty(self.nbytes)
-            tiers.copy(fast, self.slot)
+            mover.fetch_now(fast, self.slot)
             self.storage = fast.untyped_storage()
-            mover.stall(time.perf_counter() - start)
-            mover.bytes_moved[Tier.FAST] += self.nbytes
         return torch.empty(0, dtype=h.dtype, device=self.storage.device).set_(
             self.storage, h.offset, h.size, h.stride
         )
@@ -207,7 +177,7 @@ class HeldEntry:
     which ``get``/``put`` read and write. ``get`` returns None while there is nothing to move
     (a gradient after ``zero_grad``).
 
-    NOTE [Held-tensor swaps]: the mover thread only copies. The swap is committed on the
+    NOTE [Held-tensor swaps]: the copy engine only copies. The swap is committed on the
     compute thread (`commit`, at the runtime's next event), and only if the program still
     holds the same tensor, unchanged since the copy began (same ``_version``): an optimizer
     that wrote it meanwhile, or ``zero_grad`` (in place or to None), makes the copy stale,
@@ -219,7 +189,7 @@ class HeldEntry:
     get: Callable[[], torch.Tensor | None]
     put: Callable[[torch.Tensor], None]
     slot: torch.Tensor
-    future: Future[None] | None = None
+    future: Completion | None = None  # its last copy (every copy of it uses the slot)
     # the move in flight: (tensor copied from, its version then, the tensor to swap in)
     _pending: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
@@ -247,11 +217,9 @@ class HeldEntry:
         if current is None or self._in_slot(current) or not self._movable(current):
             return
         src = current.detach().reshape(-1).view(torch.uint8)
-        _read_by(tiers, src, Tier.SLOW)
         self._pending = (current, current._version,
                          self.slot.view(current.dtype).view(current.shape))
-        self.future = mover.submit(Tier.SLOW, self.slot.numel(),
-                                   lambda: tiers.copy(self.slot, src))
+        self.future = mover.submit(Tier.SLOW, self.slot, src, after=self.future)
 
     def prefetch(self, mover: Mover, tiers: Tiers) -> None:
         self.commit(mover)
@@ -259,11 +227,9 @@ class HeldEntry:
         if current is None or not self._in_slot(current):
             return
         fast = tiers.fast_empty(self.slot.numel())
-        _read_by(tiers, fast, Tier.FAST)
         self._pending = (current, current._version,
                          fast.view(current.dtype).view(current.shape))
-        self.future = mover.submit(Tier.FAST, self.slot.numel(),
-                                   lambda: tiers.copy(fast, self.slot))
+        self.future = mover.submit(Tier.FAST, fast, self.slot, after=self.future)
 
     def restore(self, mover: Mover, tiers: Tiers) -> None:
         """Back in fast memory now (before the optimizer uses it, or on exit)."""

@@ -1,15 +1,18 @@
 """``cuda`` tiers: fast = GPU memory, slow = one pinned host block carved into exact slots.
 
 NOTE [CUDA copies]
-Copies run on two side streams created once (one per direction) instead of
-mover threads: the compute thread enqueues each copy when the plan issues it,
-after making the side stream wait for the compute stream (the data is
-produced there). A copy's completion is a CUDA event; an op that needs the
-data makes the compute stream wait for that event, so the host never blocks
-in the steady state. Memory read by a copy stays valid until the copy ends:
-``record_stream`` tells the caching allocator not to reuse a device block
-before the side stream's work on it is done (so an evicted tensor can be
-dropped at once), and the pinned block lives as long as the tiers.
+The copy engine (`CudaEngine`, NOTE [Copy engine] in ``tiers/base.py``) runs
+copies on two side streams created once (one per direction) instead of mover
+threads: the compute thread enqueues each copy when the plan issues it, after
+making the side stream wait for the compute stream (the data is produced
+there) and for the copy it must follow. A copy's completion is a CUDA event;
+an op that needs the data makes the compute stream wait for that event, so
+the host never blocks in the steady state. Memory read or written by a copy
+stays valid until the copy ends: ``record_stream`` tells the caching
+allocator not to reuse a device block before the side stream's work on it is
+done (so an evicted tensor can be dropped at once), and the pinned block
+lives as long as the tiers. The host reads pinned memory (a checkpoint between
+steps) only after `CudaEngine.drain`, which synchronises the side streams.
 
 NOTE [Pinned arena]
 ``torch.empty(pin_memory=True)`` goes through PyTorch's pinned caching
@@ -28,8 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -37,27 +38,72 @@ from sentinel_hm.core.hardware import Access, Hardware
 from sentinel_hm.core.plan import Tier
 from sentinel_hm.core.presets import PRESETS
 from sentinel_hm.errors import SentinelError
+from sentinel_hm.tiers.base import Completion
 
 _PROBE_BYTES = 64 << 20
 _PAGE = 4096
 
 
-class CudaEventFuture:
-    """What `Mover` hands back for a copy on a side stream: done when its event is."""
+class CudaCompletion:
+    """A copy on a side stream: done when its event is."""
 
-    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
+    __slots__ = ("event",)
+
+    def __init__(self, event: torch.cuda.Event) -> None:
         self.event = event
-        self.device = device  # the model's GPU, not whichever is current
 
     def done(self) -> bool:
         return bool(self.event.query())
 
-    def result(self) -> None:
+    def wait(self) -> None:
         self.event.synchronize()
 
-    def wait_on_device(self) -> None:
-        """Order the current (compute) stream after the copy, without blocking the host."""
-        torch.cuda.current_stream(self.device).wait_event(self.event)
+
+class CudaEngine:
+    """Copies on two side streams of the tiers' GPU; NOTE [CUDA copies]."""
+
+    def __init__(self, tiers: CudaTiers) -> None:
+        self.tiers = tiers
+        self.device = tiers.device  # the model's GPU, not whichever is current
+        self.streams = {Tier.SLOW: torch.cuda.Stream(self.device),
+                        Tier.FAST: torch.cuda.Stream(self.device)}
+
+    def submit(self, to: Tier, dst: torch.Tensor, src: torch.Tensor,
+               after: Completion | None = None) -> CudaCompletion:
+        side = self.streams[to]
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        if after is not None:
+            side.wait_event(_event(after))
+        with torch.cuda.stream(side):
+            self.tiers.copy(dst, src)  # looked up on the tiers: the GPU tests slow it down
+        event = torch.cuda.Event()
+        event.record(side)
+        for t in (dst, src):
+            if t.is_cuda:  # not reused by the compute stream before the copy is done
+                t.record_stream(side)
+        return CudaCompletion(event)
+
+    def compute_wait(self, copy: Completion) -> float:
+        """The compute stream waits for the copy's event; the host does not block."""
+        torch.cuda.current_stream(self.device).wait_event(_event(copy))
+        return 0.0
+
+    def compute_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.tiers.copy(dst, src)  # on the current (compute) stream
+
+    def drain(self) -> None:
+        for stream in self.streams.values():
+            stream.synchronize()
+
+    def close(self) -> None:
+        self.drain()
+
+
+def _event(copy: Completion) -> torch.cuda.Event:
+    if not isinstance(copy, CudaCompletion):
+        raise SentinelError(f"internal error: a CUDA copy ordered after {type(copy).__name__}, "
+                            "not a CUDA copy; please report it")
+    return copy.event
 
 
 class CudaTiers:
@@ -70,8 +116,6 @@ class CudaTiers:
         self.access = Access.MIGRATE
         self.moves_gradients = False  # param.grad must stay on the parameter's device
         self.name = f"cuda ({torch.cuda.get_device_name(self.device)}, pinned host memory)"
-        self.streams = {Tier.SLOW: torch.cuda.Stream(self.device),
-                        Tier.FAST: torch.cuda.Stream(self.device)}
         self._arena: torch.Tensor | None = None
         self._measured: Hardware | None = None
 
@@ -108,9 +152,13 @@ class CudaTiers:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Enqueue a copy on the current stream (a side stream inside `submit`); later work on
-        the same stream is ordered after it, and `submit`'s event marks its end."""
+        """Enqueue a copy on the current stream (a side stream inside `CudaEngine.submit`);
+        later work on the same stream is ordered after it, and the engine's event marks its
+        end."""
         dst.copy_(src, non_blocking=True)
+
+    def engine(self) -> CudaEngine:
+        return CudaEngine(self)
 
     def is_slow(self, storage: torch.UntypedStorage) -> bool:
         arena = self._arena
@@ -122,30 +170,6 @@ class CudaTiers:
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
         self._release()
-
-    # -- asynchronous copies (used by Mover) ---------------------------------------------------
-
-    def submit(self, to: Tier, work: Callable[[], Any]) -> CudaEventFuture:
-        """Enqueue ``work`` (copies) on the side stream of direction ``to``; NOTE [CUDA copies].
-
-        Device tensors that ``work`` reads must be registered with `read_by` so that their
-        memory is not reused before the copy is done."""
-        side = self.streams[to]
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            work()
-            event = torch.cuda.Event()
-            event.record(side)
-        return CudaEventFuture(event, self.device)
-
-    def synchronize_copies(self) -> None:
-        """Block the host until every copy enqueued so far is done (between steps only)."""
-        for stream in self.streams.values():
-            stream.synchronize()
-
-    def read_by(self, t: torch.Tensor, to: Tier) -> None:
-        if t.is_cuda:
-            t.record_stream(self.streams[to])
 
     def hardware(self) -> Hardware:
         """The h100-sxm preset's shape with this GPU's copy bandwidths measured."""

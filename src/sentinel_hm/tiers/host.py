@@ -3,8 +3,9 @@
 For testing and for studying plans on any machine: the runtime treats the
 arena as the slow tier (migrate access by default: data comes back before an
 op uses it, as on a GPU; or direct access: ops read the arena in place).
-Copies are memcpy on a mover thread; on a 2-core machine they share cores and
-memory bandwidth with compute, so they do not hide (see PITFALLS.md).
+Copies are memcpy on mover threads (`ThreadEngine`); on a 2-core machine
+they share cores and memory bandwidth with compute, so they do not hide (see
+PITFALLS.md).
 
 NOTE [Copies beside compute]
 A copy is one ``memmove`` on the mover thread, not ``Tensor.copy_``: a large
@@ -26,6 +27,7 @@ import torch
 from sentinel_hm.core.hardware import Access, Hardware
 from sentinel_hm.core.presets import PRESETS
 from sentinel_hm.errors import SentinelError
+from sentinel_hm.tiers.threads import ThreadEngine
 
 _PROBE_BYTES = 32 << 20
 
@@ -61,6 +63,10 @@ class HostTiers:
             raise SentinelError(f"internal error: a tier copy of {nbytes} bytes between "
                                 "non-contiguous or unequal buffers; please report it")
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
+
+    def engine(self) -> ThreadEngine:
+        """Copies on one mover thread per direction (throttled and NUMA tiers too)."""
+        return ThreadEngine(self.copy)
 
     def is_slow(self, storage: torch.UntypedStorage) -> bool:
         arena = self._arena
