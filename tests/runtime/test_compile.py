@@ -123,7 +123,9 @@ def _train(budget: str | None, steps: int = 9) -> tuple[list, list, dict, int]:
 def test_profiling_leaves_compiled_code_compiled():
     plain_losses, plain_params, _, plain_regions = _train(None)
     losses, params, stats, regions = _train("min")
-    assert stats["phase"] == "steady" and stats["profiles"] == 1, stats
+    # one profile, and one more when the plan recomputes layers (NOTE [Recomputed layers])
+    assert stats["phase"] == "steady", stats
+    assert stats["profiles"] == 1 + bool(stats["recomputed_layers"]), stats
     assert stats["bytes_to_slow_per_step"] > 0
     assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
     # compiled after Sentinel's profiled and audited steps, as without it

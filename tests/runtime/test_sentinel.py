@@ -134,9 +134,10 @@ def test_exception_inside_a_step_leaves_the_model_usable():
     wl.optimizer.zero_grad()
     wl.step()
     # and Sentinel itself starts afresh
+    profiles = sentinel.stats()["profiles"]
     with sentinel.step():
         wl.step()
-    assert sentinel.stats()["profiles"] == 2
+    assert sentinel.stats()["profiles"] == profiles + 1
 
 
 def test_a_saved_tensor_modified_in_place_is_an_error():
@@ -185,9 +186,10 @@ def test_a_step_unlike_the_profile_runs_safely_and_reprofiles():
             wl.optimizer.zero_grad()
     assert any("does not match the profiled" in str(w.message) for w in caught)
     assert sentinel.stats()["mismatches"]
+    profiles = sentinel.stats()["profiles"]
     with sentinel.step():  # profiled again
         wl.step()
-    assert sentinel.stats()["profiles"] == 2
+    assert sentinel.stats()["profiles"] == profiles + 1
 
 
 def test_direct_access_tiers():
