@@ -75,7 +75,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from sentinel_hm.core.hardware import Access, Hardware
@@ -90,6 +89,7 @@ from sentinel_hm.runtime.chunked_optimizer import (
     why_not_streamable,
 )
 from sentinel_hm.runtime.mover import Mover
+from sentinel_hm.runtime.recompute import CheckpointedLayers
 from sentinel_hm.runtime.residency import HeldEntry
 from sentinel_hm.runtime.schedule import Schedule, StepEvents
 from sentinel_hm.runtime.steady import SteadyStep
@@ -189,8 +189,7 @@ class Sentinel:
             raise SentinelError(f"recompute={recompute!r} is not a bool: give True (the plan may "
                                 "recompute layers) or False")
         self.recompute = recompute
-        # NOTE [Recomputed layers]: layer name -> (module, its own forward attribute or None)
-        self._checkpointed: dict[str, tuple[nn.Module, Any]] = {}
+        self._checkpointed = CheckpointedLayers()  # NOTE [Recomputed layers]
         self._peak: int | None = None  # the all-fast peak of the program as the user wrote it
         self._tune: list[tuple[str, float]] = []  # interval lengths still to try: (label, predicted)
         # the fast tier is where the model lives (GPU memory for a model on a GPU)
@@ -308,7 +307,7 @@ class Sentinel:
         """Bring everything back to fast memory and stop the mover: training can go on
         without Sentinel."""
         self._restore()
-        self._uncheckpoint()
+        self._checkpointed.restore()
         self.mover.close()
         self.tiers.close()
         for h in self._state_dict_hooks:
@@ -420,22 +419,9 @@ class Sentinel:
             return False
         for index in plan.recompute:
             name = trace.layers[index].name
-            module = modules[name]
-            self._checkpointed[name] = (module, module.__dict__.get("forward"))
-            module.forward = partial(
-                torch.utils.checkpoint.checkpoint, module.forward, use_reentrant=False,
-                context_fn=partial(_rerun_keeps_buffers, list(module.buffers())))
-        self._stats.recomputed_layers = list(self._checkpointed)
+            self._checkpointed.wrap(name, modules[name])
+        self._stats.recomputed_layers = self._checkpointed.names
         return True
-
-    def _uncheckpoint(self) -> None:
-        """The layers' own forwards back (NOTE [Recomputed layers])."""
-        for module, own in self._checkpointed.values():
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
-        self._checkpointed = {}
 
     def _start_trials(self) -> None:
         """Test-and-trial (the seed's method): time a few interval lengths in real steps.
@@ -568,7 +554,7 @@ class Sentinel:
             if works is not None and peak else "raise fast_memory"
         )
         self._restore()
-        self._uncheckpoint()
+        self._checkpointed.restore()
         self._phase = self._stats.phase = "off"
         raise SentinelError(f"{why}; {advice}. Training can go on: later steps run without "
                             "Sentinel (everything is back in fast memory)")
@@ -793,25 +779,6 @@ class Sentinel:
 
 def _nothing(_: int) -> None:
     pass
-
-
-def _rerun_keeps_buffers(
-        buffers: list[torch.Tensor]) -> tuple[contextlib.AbstractContextManager[None],
-                                              contextlib.AbstractContextManager[None]]:
-    """Checkpoint contexts (forward, rerun): the rerun gives back the buffers it changed, so
-    batch norm's running statistics are updated once per step (NOTE [Recomputed layers])."""
-    return contextlib.nullcontext(), _kept(buffers)
-
-
-@contextlib.contextmanager
-def _kept(buffers: list[torch.Tensor]) -> Iterator[None]:
-    saved = [b.clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in zip(buffers, saved, strict=True):
-                b.copy_(value)
 
 
 def _refuse_compiled(model: nn.Module) -> None:
