@@ -2,8 +2,9 @@
 full activation checkpointing, each against a plain twin in the same run.
 
     python benchmarks/bench_recompute.py [--size small] [--steps 12] [--workloads gpt,cnn]
+                                         [--links "throttled:h2d=2GB/s,d2h=2GB/s;..."]
 
-On the throttled host tiers (the emulated link at 2 GB/s and at 8 GB/s each way), each
+On the throttled host tiers (the emulated link at 0.25, 2 and 8 GB/s each way), each
 workload runs: Sentinel at 20% with recompute=False (at its "min" when 20% is refused),
 Sentinel at the same budget in bytes with recompute=True, and plain training with every
 detected layer wrapped in torch.utils.checkpoint (no Sentinel; its fast-memory peak is one
@@ -26,7 +27,9 @@ from typing import Any
 
 from _common import RESULTS, environment, with_tuned_malloc, write_results
 
-LINKS = ("throttled:h2d=2GB/s,d2h=2GB/s", "throttled:h2d=8GB/s,d2h=8GB/s")
+# the two links, and one slow enough that a 2-core CPU's compute cannot hide the copies
+LINKS = "throttled:h2d=0.25GB/s,d2h=0.25GB/s;throttled:h2d=2GB/s,d2h=2GB/s;" \
+        "throttled:h2d=8GB/s,d2h=8GB/s"
 MAX_PREDICTION_ERROR = 0.15
 
 
@@ -43,6 +46,7 @@ def main() -> int:
     p.add_argument("--workloads", default="gpt,cnn")
     p.add_argument("--size", default="small")
     p.add_argument("--steps", type=int, default=12, help="steps per run (default 12)")
+    p.add_argument("--links", default=LINKS, help="tiers specs separated by ';'")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args()
 
@@ -116,7 +120,7 @@ def main() -> int:
 
     rows = []
     for name in args.workloads.split(","):
-        for tiers in LINKS:
+        for tiers in args.links.split(";"):
             base = run(name, tiers, "sentinel, no recompute", "20%")
             if "refused" in base:
                 base = run(name, tiers, "sentinel, no recompute", "min")
