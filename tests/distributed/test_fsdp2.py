@@ -1,6 +1,7 @@
 """FSDP2 (``fully_shard`` per block and at the root) under Sentinel: two ranks (gloo on
 127.0.0.1) train with and without it; every rank's losses and parameters must be bit for bit
-the plain run's and the ranks must agree. Sentinel moves the saved activations (NOTE [FSDP2]):
+the plain run's and the ranks must agree. Sentinel moves the saved activations and the
+optimizer state's local shards (NOTE [FSDP2]):
 the audited peak of each rank stays within its budget and bytes move. A distributed
 checkpoint taken under Sentinel resumes bit for bit."""
 
@@ -64,23 +65,31 @@ def _train(rank: int, budget: str | None) -> tuple[list, list, dict]:
     losses = _steps(rank, model, opt, sentinel, range(STEPS))
     stats = sentinel.stats() if sentinel else {}
     if sentinel is not None:
+        # the optimizer state's local shards that lie in the slow tier between steps
+        stats["state_in_slow"] = sum(
+            sentinel.tiers.is_slow(t.to_local().untyped_storage())
+            for state in opt.state.values() for t in state.values() if t.dim())
         sentinel.close()
     # each rank's shards, gathered: the whole model as this rank sees it
     return losses, [p.full_tensor() for p in model.parameters()], stats
 
 
 def _compare(rank: int, budget: str) -> dict:
-    return compare(_train(rank, None), _train(rank, budget))
+    ours = _train(rank, budget)
+    return compare(_train(rank, None), ours) | {"state_in_slow": ours[2]["state_in_slow"]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", ["50%", "min"])
 def test_fsdp2_two_ranks_bitwise_under_sentinel(tmp_path, budget):
-    for result in run_ranks(_compare, (budget,), tmp_path):
+    results = run_ranks(_compare, (budget,), tmp_path)
+    for result in results:
         assert result["losses_equal"] and result["params_equal"], result
         assert result["ranks_agree"], result
         assert result["phase"] == "steady" and result["moved"] > 0, result
         assert result["audited"] <= result["budget"] < result["peak"], result
+    if budget == "min":  # the optimizer state's shards moved too
+        assert all(result["state_in_slow"] > 0 for result in results), results
 
 
 def _resume(rank: int, path: str) -> dict:

@@ -96,7 +96,12 @@ from sentinel_hm.runtime.steady import SteadyStep
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.tiers import open_tiers
 from sentinel_hm.trace.model import Kind, Trace
-from sentinel_hm.trace.sharded import has_sharded_parameters, local_tensor
+from sentinel_hm.trace.sharded import (
+    has_sharded_parameters,
+    is_sharded,
+    local_tensor,
+    with_local,
+)
 from sentinel_hm.trace.tracer import Tracer
 from sentinel_hm.units import format_bytes, parse_budget
 
@@ -218,7 +223,8 @@ class Sentinel:
         if self._sharded:  # NOTE [FSDP2]
             warnings.warn(
                 "sentinel: the parameters are sharded DTensors (FSDP2's fully_shard): Sentinel "
-                "moves saved activations; the shards, their gradients and optimizer state stay "
+                "moves saved activations and the optimizer state's local shards (whole, before "
+                "and after optimizer.step()); the parameter shards and their gradients stay "
                 "where FSDP2 keeps them", stacklevel=2)
         elif reason is not None:
             warn_unstreamed(reason)
@@ -356,8 +362,8 @@ class Sentinel:
         self._program_held = set()  # storage ids are the new trace's
         hw = self._calibrated(trace)
         movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
-        if self._sharded:  # NOTE [FSDP2]: FSDP2 owns parameters, gradients and their state
-            movable = frozenset({Kind.SAVED_ACTIVATION})
+        if self._sharded:  # NOTE [FSDP2]: FSDP2 owns the parameters and their gradients
+            movable = frozenset({Kind.SAVED_ACTIVATION, Kind.OPTIMIZER_STATE})
         streamed = "optimizer_chunks" in trace.meta
         self._ctx = context(trace, hw, movable=movable, stream_optimizer=streamed,
                             clock=events.clock(trace), device=str(self._device))
@@ -595,8 +601,10 @@ class Sentinel:
         owner: dict[int, int] = {}  # held trace storage -> id() of its parameter
         for sid, (index, key) in schedule.states.items():
             state = self.optimizer.state[params[index]]
-            self._held[sid] = HeldEntry(sid, partial(state.get, key),
-                                        partial(state.__setitem__, key), self._slot(sid))
+            get, put = ((partial(_local_of, state, key), partial(_put_local, state, key))
+                        if is_sharded(state.get(key)) else
+                        (partial(state.get, key), partial(state.__setitem__, key)))
+            self._held[sid] = HeldEntry(sid, get, put, self._slot(sid))
             owner[sid] = id(params[index])
         for sid, name in schedule.grads.items():
             param = named[name]
@@ -779,6 +787,17 @@ class Sentinel:
 
 def _nothing(_: int) -> None:
     pass
+
+
+def _local_of(state: dict[str, Any], key: str) -> torch.Tensor | None:
+    """NOTE [FSDP2]: a sharded state tensor moves by its local shard."""
+    value = state.get(key)
+    return local_tensor(value) if isinstance(value, torch.Tensor) else None
+
+
+def _put_local(state: dict[str, Any], key: str, local: torch.Tensor) -> None:
+    """The state's DTensor again, over ``local`` (its shard's new place)."""
+    state[key] = with_local(state[key], local)
 
 
 def _refuse_compiled(model: nn.Module) -> None:

@@ -10,9 +10,10 @@ forward and backward, and registers a gathered, unsharded parameter on the
 module while the module runs. The gathered parameter's storage is allocated
 and freed by resizing it (``UntypedStorage.resize_``), which no dispatch mode
 sees: the tracer polls those storages before each op (a resize to zero frees
-them, a resize back is a new storage). FSDP2 owns them, as it owns the shards,
-their gradients and the optimizer state of the shards: a runtime moves none
-of them, only the saved activations.
+them, a resize back is a new storage). FSDP2 owns them, as it owns the shards
+and their gradients: a runtime moves none of them. It moves the saved
+activations and the optimizer state's local shards (a state DTensor is rebuilt
+over its shard's new place, `with_local`); the update then runs unstreamed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     if DTensor is not None and isinstance(t, DTensor):
         return t._local_tensor
     return t
+
+
+def is_sharded(t: object) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def with_local(t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A DTensor like ``t`` (mesh, placements, global shape and stride) over ``local``."""
+    assert DTensor is not None and isinstance(t, DTensor)
+    with torch.no_grad():
+        return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
+                                  shape=t.shape, stride=t.stride())
 
 
 def has_sharded_parameters(model: nn.Module) -> bool:
