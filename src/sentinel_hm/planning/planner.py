@@ -11,7 +11,14 @@ from sentinel_hm.core.plan import Plan
 from sentinel_hm.core.presets import parse_hardware
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.explain import PeakExplanation, explain_peak
-from sentinel_hm.planning.policies import DIRECT_ONLY, POLICIES, REGISTRY, Context, Infeasible
+from sentinel_hm.planning.policies import (
+    DIRECT_ONLY,
+    POLICIES,
+    REGISTRY,
+    Context,
+    Infeasible,
+    recomputing,
+)
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.trace.model import Kind, Trace
 from sentinel_hm.units import format_bytes, parse_budget
@@ -57,7 +64,8 @@ def _try(ctx: Context, budget: int, policy: str) -> tuple[Plan, SimResult] | Non
         plan = REGISTRY[policy](ctx, budget)
     except Infeasible:
         return None
-    result = simulate(ctx.trace, plan, ctx.hardware, cost=ctx.cost)
+    step = recomputing(ctx, plan.recompute)  # the step the plan runs
+    result = simulate(step.trace, plan, ctx.hardware, cost=step.cost)
     if result.overflow_bytes or result.peak_fast_bytes > budget:
         return None
     return plan, result

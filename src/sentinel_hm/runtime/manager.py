@@ -369,7 +369,7 @@ class Sentinel:
                             clock=events.clock(trace), device=str(self._device))
         if not self._checkpointed:  # the program as written: budgets are shares of its peak
             self._peak = trace.peak_bytes
-        peak = self._peak or trace.peak_bytes
+        peak = self._program_peak
         if self.fast_memory == "min":
             self._budget = min(min_budget(self._ctx, self.policy), peak)
         else:
@@ -377,14 +377,12 @@ class Sentinel:
         if self._recompute_layers(trace):
             self._phase = "profile"  # NOTE [Recomputed layers]: profiled again, recomputing
             return
-        if self.fast_memory == "min":
-            self._budget = min(min_budget(self._ctx, self.policy), peak)
-            if self._budget >= peak:
-                self._stats.note = (
-                    f"no plan makes this step's fast-memory peak smaller than its all-fast "
-                    f"peak, {format_bytes(peak)}: nothing moves"
-                )
-                warnings.warn(f"sentinel: {self._stats.note}", stacklevel=4)
+        if self.fast_memory == "min" and self._budget >= peak:
+            self._stats.note = (
+                f"no plan makes this step's fast-memory peak smaller than its all-fast "
+                f"peak, {format_bytes(peak)}: nothing moves"
+            )
+            warnings.warn(f"sentinel: {self._stats.note}", stacklevel=4)
         self._replans = 0
         self._refused = None
         try:
@@ -400,6 +398,13 @@ class Sentinel:
             self._phase = "trial"
             return
         self._start_trials()
+
+    @property
+    def _program_peak(self) -> int:
+        """The all-fast peak of the program as written (before any layer was recomputed),
+        which budgets are shares of; known from the first profile on."""
+        assert self._peak is not None
+        return self._peak
 
     def _recompute_layers(self, trace: Trace) -> bool:
         """NOTE [Recomputed layers]: whether the planner recomputes layers at this budget; if
@@ -484,8 +489,7 @@ class Sentinel:
             self._ctx = dataclasses.replace(self._ctx, fixed=self._ctx.fixed | held,
                                             min_budgets={})
             if self.fast_memory == "min" or self._refused is not None:
-                self._budget = min(min_budget(self._ctx, self.policy),
-                                   self._peak or self.trace.peak_bytes)
+                self._budget = min(min_budget(self._ctx, self.policy), self._program_peak)
             try:
                 self._make_plan(self.trace, self._budget)
                 return
@@ -529,13 +533,13 @@ class Sentinel:
         """A measured peak rounded up to the planner's resolution (1/256 of the peak): a later
         step may allocate a few bytes more (a loss the loop keeps, say)."""
         assert self.trace is not None
-        grain = max(1, (self._peak or self.trace.peak_bytes) // 256)
+        grain = max(1, self._program_peak // 256)
         return -(-measured // grain) * grain
 
     def _refuse(self, measured: int) -> None:
         """The budget asked for is below the smallest plan, which measured ``measured``."""
         assert self.trace is not None and self._refused is not None
-        peak = self._peak or self.trace.peak_bytes
+        peak = self._program_peak
         asked, self._refused = self._refused, None
         quote = max(self._rounded(measured), min_budget(self._ctx, self.policy))
         where = explain_min_budget(self._ctx, self.policy).describe("the smallest plan")
@@ -553,7 +557,7 @@ class Sentinel:
         """NOTE [Measured budget]: everything back in fast memory, later steps run plain."""
         works = min(self._audited_peaks, default=None)
         works = self._rounded(works) if works is not None else None
-        peak = self._peak or (self.trace.peak_bytes if self.trace is not None else 0)
+        peak = self._peak or 0
         advice = (
             f"the smallest budget measured to work is {format_bytes(works)}"
             f" ({works / peak:.0%} of the all-fast peak): use fast_memory={works} or more"
@@ -589,7 +593,7 @@ class Sentinel:
         self.prediction = simulate(trace, plan, hw, cost=ctx.cost)
         self._stats.budget_bytes = budget
         self._stats.planned_for_bytes = target
-        self._stats.all_fast_peak_bytes = self._peak or trace.peak_bytes
+        self._stats.all_fast_peak_bytes = self._program_peak
         self._stats.predicted_step_s = self.prediction.step_s
         self._stats.predicted_peak_fast_bytes = self.prediction.peak_fast_bytes
         self.tiers.reserve(schedule.arena_bytes)

@@ -64,11 +64,6 @@ def recomputable_layers(trace: Trace) -> dict[int, RecomputableLayer]:
     return out
 
 
-def recompute_seconds(trace: Trace, layer: RecomputableLayer) -> float:
-    """Compute time the recomputation of ``layer`` adds (measured op times)."""
-    return sum(op.duration_s for op in trace.ops[layer.forward[0] : layer.last_op + 1])
-
-
 def with_recomputed_layers(trace: Trace, layers: Iterable[int]) -> Trace:
     """``trace`` as it would run with ``layers`` recomputed (NOTE [Recompute as a trace])."""
     candidates = recomputable_layers(trace)

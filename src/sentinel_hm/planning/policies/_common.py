@@ -12,7 +12,11 @@ from sentinel_hm.core.hardware import Access, Hardware
 from sentinel_hm.core.plan import Move, Plan, Tier
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.trace.model import Kind, Phase, StorageRecord, Trace
-from sentinel_hm.trace.recompute import with_recomputed_layers
+from sentinel_hm.trace.recompute import (
+    RecomputableLayer,
+    recomputable_layers,
+    with_recomputed_layers,
+)
 
 MIN_MANAGED_BYTES = 4096  # smaller storages stay fast: a copy would cost more than it frees
 
@@ -46,10 +50,21 @@ class Context:
     # tier never moves the CPU scalars Adam counts its steps in); None: any storage
     device: str | None = None
     # whether the sentinel policy may recompute layers instead of keeping or moving their
-    # saved activations (NOTE [Recompute as a trace]), or only these layers (a runtime does
-    # not recompute layers whose rerun would change buffers, such as batch norm's)
+    # saved activations (NOTE [Recompute as a trace]), or only these layers (those a runtime
+    # can find as modules)
     recompute: bool | frozenset[int] = False
     min_budgets: dict[str, int] = field(default_factory=dict, compare=False)  # planner's cache
+
+    @cached_property
+    def recomputable(self) -> dict[int, RecomputableLayer]:
+        """The layers a recomputation can drop saved bytes from, by index."""
+        return recomputable_layers(self.trace)
+
+    @cached_property
+    def recomputed(self) -> dict[tuple[int, ...], Context]:
+        """`recomputing`'s contexts, by layer set (an attribute of this instance only:
+        ``dataclasses.replace`` starts a new one, whose other fields may differ)."""
+        return {}
 
     @cached_property
     def uses(self) -> dict[int, tuple[int, ...]]:
@@ -232,9 +247,14 @@ def register(name: str, *, direct_only: bool = False) -> Callable[[PolicyFn], Po
 
 
 def recomputing(ctx: Context, layers: tuple[int, ...]) -> Context:
-    """``ctx`` for the step with ``layers`` recomputed (NOTE [Recompute as a trace])."""
+    """``ctx`` for the step with ``layers`` recomputed (NOTE [Recompute as a trace]); made
+    once per context and layer set (a bisection plans and replays the same sets again)."""
     done = ctx.trace.meta.get("recomputed_layers")
     if not layers or (isinstance(done, list) and tuple(done) == tuple(layers)):
         return ctx
-    trace = with_recomputed_layers(ctx.trace, layers)
-    return replace(ctx, trace=trace, cost=CostModel(trace, ctx.hardware), min_budgets={})
+    layers = tuple(layers)
+    if layers not in ctx.recomputed:
+        trace = with_recomputed_layers(ctx.trace, layers)
+        ctx.recomputed[layers] = replace(ctx, trace=trace, cost=CostModel(trace, ctx.hardware),
+                                         min_budgets={})
+    return ctx.recomputed[layers]

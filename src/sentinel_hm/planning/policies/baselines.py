@@ -13,7 +13,6 @@ from sentinel_hm.planning.policies._common import (
     slow_homed,
 )
 from sentinel_hm.trace.model import Kind, Phase
-from sentinel_hm.trace.recompute import recomputable_layers
 from sentinel_hm.units import format_bytes
 
 
@@ -125,13 +124,12 @@ def offload_all(ctx: Context, budget: int) -> Plan:
     return _offload_saved(ctx, budget, "offload-all", lookahead=False, min_bytes=1024)
 
 
-
 @register("checkpoint-all")
 def checkpoint_all(ctx: Context, budget: int) -> Plan:
     """Activation checkpointing of every layer it can drop saved bytes from (as
     ``torch.utils.checkpoint`` around each layer would), nothing moved: each such layer's
     forward reruns before its backward (NOTE [Recompute as a trace])."""
-    layers = tuple(sorted(recomputable_layers(ctx.trace)))
+    layers = tuple(sorted(ctx.recomputable))
     rctx = recomputing(ctx, layers)
     peak = rctx.trace.peak_bytes
     if peak > budget:

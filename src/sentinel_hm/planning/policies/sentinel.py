@@ -58,7 +58,7 @@ from sentinel_hm.planning.policies._common import (
 )
 from sentinel_hm.sim.replay import simulate
 from sentinel_hm.trace.model import StorageRecord
-from sentinel_hm.trace.recompute import RecomputableLayer, recomputable_layers
+from sentinel_hm.trace.recompute import RecomputableLayer
 from sentinel_hm.units import format_bytes
 
 # (layers per interval, intervals per layer): parts of a layer down to a sixteenth, then runs
@@ -284,7 +284,9 @@ def sentinel(ctx: Context, budget: int) -> Plan:
         for layers in _recompute_sets(ctx):
             label = f"recompute {len(layers)}"
             found, _, planned = _search(recomputing(ctx, layers), budget)
-            lowest_planned = min(lowest_planned or planned or 0, planned or 0) or None
+            if planned is not None:
+                lowest_planned = (planned if lowest_planned is None
+                                  else min(lowest_planned, planned))
             search[label] = found[0] if found else "infeasible"
             if found and (best is None or found[0] < best[0]):
                 best = found
@@ -301,7 +303,7 @@ def _recompute_sets(ctx: Context) -> list[tuple[int, ...]]:
     """Sets of layers to recompute, cheapest first: the layers that drop the most saved bytes
     per second of recomputation (the cost model's times of the ops rerun), in prefixes of
     1, 2, 4, ... layers and all of them."""
-    layers = recomputable_layers(ctx.trace)
+    layers = ctx.recomputable
     if isinstance(ctx.recompute, frozenset):
         layers = {i: layer for i, layer in layers.items() if i in ctx.recompute}
     base = ctx.cost.base_s
