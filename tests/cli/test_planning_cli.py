@@ -83,6 +83,21 @@ def test_plan_with_a_baseline_policy_and_gzip(trace_path, tmp_path, capsys):
     assert "policy first-touch on dram-optane" in capsys.readouterr().out
 
 
+def test_plan_names_the_recomputed_layers_with_their_bytes_and_rerun_time(tmp_path, capsys):
+    from tests.planning.test_recompute import blocks  # layers whose saves only they use
+    from tests.planning.tracegen import MiB
+
+    trace_path = sentinel_hm.save_trace(blocks(3, [MiB], 64 * 1024, [1e-4]), tmp_path / "t.json")
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(trace_path), "--hardware", "h100-sxm", "--budget", "100%",
+                 "--policy", "checkpoint-all", "--out", str(out)]) == 0
+    plan = sentinel_hm.load_plan(out)
+    assert plan.recompute
+    line = next(x for x in capsys.readouterr().out.splitlines()
+                if x.startswith("recomputed layers"))
+    assert line.count("saved, rerun") == len(plan.recompute), line
+
+
 def test_plan_says_where_the_plan_peaks_and_refusals_where_the_smallest_does(trace_path,
                                                                             tmp_path, capsys):
     trace = sentinel_hm.load_trace(trace_path)

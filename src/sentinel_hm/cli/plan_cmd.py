@@ -144,10 +144,16 @@ def summarize_plan(setup: Setup, plan: Plan, result: SimResult) -> str:
         f"peak: {peak.summary()}; {peak.hint}",
     ]
     if plan.recompute:
-        layers = setup.ctx.trace.layers
+        ctx = setup.ctx
+        parts = []
+        for i in plan.recompute:
+            layer = ctx.recomputable[i]
+            dropped = sum(ctx.trace.storages[sid].nbytes for sid in layer.saved)
+            rerun = sum(ctx.cost.base_s[layer.forward[0] : layer.last_op + 1])
+            parts.append(f"{ctx.trace.layers[i].name} ({format_bytes(dropped)} saved, rerun "
+                         f"{format_ms(rerun)})")
         lines.append("recomputed layers (their forward reruns before their backward): "
-                     + ", ".join(layers[i].name if i < len(layers) else str(i)
-                                 for i in plan.recompute))
+                     + ", ".join(parts))
     lines += [f"{key}: {_info_value(key, value)}" for key, value in plan.info.items()]
     return "\n".join(lines)
 
