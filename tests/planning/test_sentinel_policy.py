@@ -12,7 +12,7 @@ from sentinel_hm.core.plan import Move, Tier
 from sentinel_hm.planning.planner import context
 from sentinel_hm.trace.model import Kind, Phase
 
-from .tracegen import Builder, MiB, hardware
+from .tracegen import Builder, GiB, MiB, hardware
 
 
 def one_big_layer(n_ops: int = 16) -> sh.Trace:
@@ -76,3 +76,43 @@ def test_direct_access_reads_in_place_only_after_the_gap():
     assert result.step_s == pytest.approx(7e-3 + 2 * in_place_b)
     whole_life = dataclasses.replace(plan, placement={0: 0, 1: 0}, moves=())
     assert sh.simulate(trace, whole_life, hw).step_s > result.step_s + 10e-3
+
+
+def skip_chain(n_layers: int = 8) -> sh.Trace:
+    """A chain whose first activation A0 (the biggest) is read again by the last forward layer
+    (a skip connection): between those reads the program itself holds A0."""
+    b = Builder()
+    acts = [b.storage((4 if i == 0 else 1) * MiB, Kind.SAVED_ACTIVATION, saved=True)
+            for i in range(n_layers)]
+    scratch = b.storage(4 * MiB, Kind.TEMPORARY)  # the step's peak: mid-forward
+    for i in range(n_layers):
+        skip = [acts[0]] if i == n_layers - 1 else []
+        mid = [scratch] if i == n_layers // 2 else []
+        b.op(Phase.FORWARD, i, reads=[*acts[i - 1 : i], *skip], creates=[acts[i], *mid],
+             frees=mid)
+    for i in reversed(range(n_layers)):
+        b.op(Phase.BACKWARD, i, reads=[acts[i]], frees=[acts[i]])
+    return b.build(n_layers)
+
+
+@pytest.mark.parametrize("access", [Access.MIGRATE, Access.DIRECT])
+def test_a_runtime_plan_moves_no_activation_the_program_still_holds(access):
+    # NOTE [Held by the program]: a study of the trace may evict A0 between its forward
+    # reads, around the scratch peak, and bring it back for the skip read; a runtime cannot,
+    # since the program holds A0 there, so the plan for a runtime keeps it fast until its
+    # last forward read, and its floor is higher by what that costs
+    hw = hardware(access, link_bytes_per_s=64 * GiB)
+    trace = skip_chain()
+    last_forward_read = 7
+
+    def early_evictions(plan: sh.Plan) -> list[Move]:
+        return [m for m in plan.moves
+                if m.storage == 0 and m.to is Tier.SLOW and m.issue_at <= last_forward_read]
+
+    assert early_evictions(sh.plan(trace, hw, 9 * MiB, "sentinel"))
+    runtime = context(trace, hw, movable=frozenset({Kind.SAVED_ACTIVATION}))
+    assert runtime.held_in_forward[0] == last_forward_read
+    with pytest.raises(sh.SentinelError, match=r"smallest it can honour is 10\.0 MiB"):
+        sh.plan(trace, hw, 9 * MiB, "sentinel", ctx=runtime)
+    plan = sh.plan(trace, hw, 10 * MiB, "sentinel", ctx=runtime)
+    assert plan.moves and not early_evictions(plan)

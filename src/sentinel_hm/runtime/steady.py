@@ -107,11 +107,17 @@ class SteadyStep:
         self.next_move = 0
         self.mismatch: str | None = None
         self.in_flight: list[HeldEntry] = []  # held moves to commit (NOTE [Held-tensor swaps])
+        self.clock = 0  # the op of the last event (NOTE [Runtime clock])
+        # NOTE [Held by the program]: an audited step watches each evicted activation's fast
+        # storage; one that outlives the event of its eviction was held by the program too
+        self.watch_frees = False
+        self.freed_late: dict[int, int] = {}  # saved storage -> op clock when its bytes died
 
     # -- the plan's clock ----------------------------------------------------------------------
 
     def advance(self, op: int) -> None:
         """Issue every move planned at or before trace op ``op``; commit finished swaps."""
+        self.clock = max(self.clock, op)
         if self.in_flight:
             self._commit(block=False)
         if self.mismatch is not None:
@@ -124,6 +130,8 @@ class SteadyStep:
             if saved is not None:
                 if mv.to is Tier.SLOW:
                     saved.evict(self.mover, self.tiers)
+                    if self.watch_frees:
+                        self._watch(saved)
                 else:
                     saved.prefetch(self.mover, self.tiers)
                 continue
@@ -135,6 +143,15 @@ class SteadyStep:
             else:
                 held.prefetch(self.mover, self.tiers)
             self.in_flight.append(held)
+
+    def _watch(self, saved: SavedEntry) -> None:
+        left = saved.left_behind() if saved.left_behind is not None else None
+        if left is not None:
+            weakref.finalize(left, self._died, saved.sid, self.clock)
+
+    def _died(self, sid: int, evicted_at: int) -> None:
+        if self.clock > evicted_at:  # alive after the event that evicted it
+            self.freed_late[sid] = self.clock
 
     def _commit(self, block: bool) -> None:
         waiting = []

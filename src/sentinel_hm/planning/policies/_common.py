@@ -40,6 +40,9 @@ class Context:
     stream_optimizer: bool = True
     # storages a runtime found it cannot free by moving them (the program holds them)
     fixed: frozenset[int] = frozenset()
+    # (saved activation, op): a runtime found the program holds it at least until that op
+    # of the forward pass (NOTE [Held by the program])
+    held_until: tuple[tuple[int, int], ...] = ()
     # interval lengths the sentinel policy may try, as (layers per interval, intervals per
     # layer); None: all of its candidates (a runtime's trials restrict it to one)
     interval_lengths: tuple[tuple[int, int], ...] | None = None
@@ -99,6 +102,28 @@ class Context:
                                           and s.freed_at > self.backward_end)
             return s.saved and s.kind in self.movable and not held
         return s.kind in self.movable
+
+    @cached_property
+    def held_in_forward(self) -> dict[int, int]:
+        """Saved activation -> its last use before backward, for a runtime's plan: until then
+        the program holds it too (the input of a residual add, say), so an eviction frees
+        nothing and an op cannot read it in the slow tier; only autograd's saves move."""
+        if self.movable is None:
+            return {}
+        backward = {op.index for op in self.trace.ops if op.phase is Phase.BACKWARD}
+        held = {}
+        for s in self.managed_candidates:
+            if s.kind is not Kind.SAVED_ACTIVATION:
+                continue
+            uses = self.uses[s.id]
+            first_bw = next((op for op in uses if op in backward), None)
+            forward = [op for op in uses if first_bw is None or op < first_bw]
+            if forward:
+                held[s.id] = forward[-1]
+        for sid, op in self.held_until:
+            if sid in held:
+                held[sid] = max(held[sid], op)
+        return held
 
     @cached_property
     def backward_end(self) -> int | None:
@@ -227,7 +252,9 @@ def slow_homed(ctx: Context, s: StorageRecord) -> tuple[int, list[Move]]:
         first, last = ctx.optimizer_ops
         return placement, [Move(s.id, Tier.FAST, first, s.nbytes),
                            Move(s.id, Tier.SLOW, last + 1, s.nbytes)]
-    moves = [Move(s.id, Tier.SLOW, op + 1, s.nbytes) for op in ctx.uses[s.id] if op + 1 <= end]
+    held = ctx.held_in_forward.get(s.id, -1)
+    moves = [Move(s.id, Tier.SLOW, op + 1, s.nbytes) for op in ctx.uses[s.id]
+             if held <= op and op + 1 <= end]
     return placement, moves
 
 

@@ -84,7 +84,12 @@ class _Gap:
 def _gaps(ctx: Context, s: StorageRecord, starts: tuple[int, ...]) -> list[_Gap]:
     n_iv = len(starts)
     _, end = ctx.live_range(s)
-    used = sorted({interval_of(starts, op) for op in ctx.uses[s.id]})
+    held = ctx.held_in_forward.get(s.id)
+    if held is None:
+        used = sorted({interval_of(starts, op) for op in ctx.uses[s.id]})
+    else:  # no gap while the program holds it too: as if used from creation until then
+        used = sorted({interval_of(starts, held)}
+                      | {interval_of(starts, op) for op in ctx.uses[s.id] if op > held})
     out = [
         _Gap(s.id, s.nbytes, u1 + 1, u2 - 1, ((u1 + 1, u2 - 2),), False)
         for u1, u2 in itertools.pairwise(used)
@@ -230,6 +235,8 @@ def _place_cold_in_slow(
         # creates is born fast and leaves at the next interval (an OS could place it at once).
         born_fast = ctx.movable is not None and s.created_at is not None
         first = lo + 1 if born_fast else lo
+        if s.id in ctx.held_in_forward:  # ops read it in fast memory until then
+            first = max(first, interval_of(starts, ctx.held_in_forward[s.id]) + 1)
         spans[s.id] = (first, hi, born_fast)
         froms = {first} | {g.fetch_iv for g in taken.get(s.id, ())
                            if g.fetch_iv is not None and not g.wraps and first < g.fetch_iv <= hi}
