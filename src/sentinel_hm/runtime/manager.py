@@ -423,11 +423,15 @@ class Sentinel:
             return
         self._start_trials()
 
-    @property
-    def _backward_start(self) -> int | None:
-        """The first backward op of the profiled step."""
+    def _note_held_late(self, freed_late: dict[int, int]) -> None:
+        """NOTE [Held by the program]: evictions whose bytes died later in the forward pass
+        (those that died in backward were held to the end: ``_program_held``)."""
         assert self.trace is not None
-        return next((op.index for op in self.trace.ops if op.phase is Phase.BACKWARD), None)
+        backward = next((op.index for op in self.trace.ops if op.phase is Phase.BACKWARD), None)
+        self._held_late.update((sid, op) for sid, op in freed_late.items()
+                               if backward is None or op < backward)
+        self._stats.held_by_program_bytes = sum(self.trace.storages[sid].nbytes
+                                                for sid in self._held_late)
 
     @property
     def _program_peak(self) -> int:
@@ -813,12 +817,8 @@ class Sentinel:
             self._stats.audited_peak_fast_bytes = measured
             self._audited_peaks.append(measured)
         self._program_held |= run.program_held
-        backward = self._backward_start
-        self._held_late.update((sid, op) for sid, op in run.freed_late.items()
-                               if backward is None or op < backward)
-        assert self.trace is not None
-        self._stats.held_by_program_bytes = sum(self.trace.storages[sid].nbytes
-                                                for sid in self._held_late)
+        if run.freed_late:  # found by audited steps only
+            self._note_held_late(run.freed_late)
         self._stats.stall_s.append(self.mover.stall_s)
         self._stats.bytes_to_slow.append(self.mover.bytes_moved[Tier.SLOW])
         self._stats.bytes_to_fast.append(self.mover.bytes_moved[Tier.FAST])
