@@ -10,7 +10,8 @@
    first-touch and page-lru. Where sentinel misses, `sentinel plan` says why
    (stalls, in-place slow access, traffic).
 3. Recompute (keep, move or recompute): sentinel with and without recomputation,
-   checkpoint-all and offload-all at 10/20/30/50%, and the floors (smallest
+   checkpoint-all, checkpoint-selective (products kept, cheap ops rerun) and
+   offload-all at 10/20/30/50%, and the floors (smallest
    feasible budgets) with and without. Targets on h100-sxm at 20%: GPT at most
    x1.25, CNN at most x1.5; with recompute never slower than the best other
    policy at any budget; floors no higher than without.
@@ -155,14 +156,16 @@ def main() -> int:
         hw = key.split("/")[1]
         for budget in ("10%", "20%", "30%", "50%"):
             others = {pol: slowdown(key, budget, pol) for pol in
-                      ("checkpoint-all", "offload-all", "vdnn", "all-slow", "page-lru",
-                       "first-touch")}
+                      ("checkpoint-all", "checkpoint-selective", "offload-all", "vdnn",
+                       "all-slow", "page-lru", "first-touch")}
             best_other = min((v for v in others.values() if v is not None), default=None)
             rc = slowdown(key, budget, "sentinel")
             recompute_rows.append({
                 "key": key, "budget": budget, "recompute": rc,
                 "no_recompute": slowdown(key, budget, "sentinel", "no_recompute"),
-                "checkpoint_all": others["checkpoint-all"], "offload_all": others["offload-all"],
+                "checkpoint_all": others["checkpoint-all"],
+                "checkpoint_selective": others["checkpoint-selective"],
+                "offload_all": others["offload-all"],
                 "best_other": best_other,
                 "never_slower": best_other is None or (rc is not None
                                                         and rc <= best_other * (1 + 1e-9)),
@@ -211,8 +214,9 @@ def main() -> int:
               "Predicted slowdown over all-fast; sentinel decides per layer whether to keep, "
               "move or recompute its saved activations (docs/planning.md).", "",
               "| trace / hardware | budget | sentinel | sentinel, no recompute | checkpoint-all "
-              "| offload-all | best other | never slower than the others | target |",
-              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+              "| checkpoint-selective | offload-all | best other | never slower than the others "
+              "| target |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
 
     def cell(x: object) -> str:
         return "refused" if x is None else f"x{x:.3f}"
@@ -225,6 +229,7 @@ def main() -> int:
             verdict = f"<= x{target}: {'met' if met else '**missed**'}"
         lines.append(f"| {r['key']} | {r['budget']} | {cell(r['recompute'])} | "
                      f"{cell(r['no_recompute'])} | {cell(r['checkpoint_all'])} | "
+                     f"{cell(r['checkpoint_selective'])} | "
                      f"{cell(r['offload_all'])} | {cell(r['best_other'])} | "
                      f"{'yes' if r['never_slower'] else '**no**'} | {verdict} |")
     lines += ["", "| trace / hardware | floor with recompute | floor without | lower or equal |",

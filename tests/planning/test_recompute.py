@@ -12,7 +12,11 @@ from sentinel_hm.core.hardware import Access
 from sentinel_hm.planning import load_plan, min_budget, save_plan
 from sentinel_hm.planning.planner import context
 from sentinel_hm.trace.model import Kind, Phase, Trace
-from sentinel_hm.trace.recompute import recomputable_layers, with_recomputed_layers
+from sentinel_hm.trace.recompute import (
+    MATMUL_OPS,
+    recomputable_layers,
+    with_recomputed_layers,
+)
 
 from .tracegen import Builder, MiB, hardware
 
@@ -122,3 +126,75 @@ def test_plan_files_keep_the_recomputed_layers(tmp_path):
     # a no-recompute context never recomputes
     plain = sh.plan(trace, hardware(Access.MIGRATE), "60%", "sentinel", recompute=False)
     assert plain.recompute == ()
+
+
+def products(n_layers: int = 3, act: int = MiB) -> Trace:
+    """Layers of a product and a cheap op: ``h = mm(x, w)`` and ``g = gelu(h)``, both saved
+    for the layer's backward; ``y = add(g)`` is the next layer's input."""
+    b = Builder()
+    params = [b.storage(64 * 1024, Kind.PARAMETER, pre=True) for _ in range(n_layers)]
+    x = b.storage(act, Kind.INPUT, pre=True)
+    keep = []
+    for i in range(n_layers):
+        h = b.storage(act, Kind.SAVED_ACTIVATION, saved=True)
+        b.op(Phase.FORWARD, i, reads=[x, params[i]], creates=[h], duration_s=1e-3,
+             name="aten::mm")
+        g = b.storage(2 * act, Kind.SAVED_ACTIVATION, saved=True)
+        b.op(Phase.FORWARD, i, reads=[h], creates=[g], duration_s=1e-4, name="aten::gelu")
+        y = b.storage(act, Kind.SAVED_ACTIVATION, saved=True)
+        b.op(Phase.FORWARD, i, reads=[g], creates=[y], duration_s=1e-4, name="aten::add")
+        keep.append((x, h, g))
+        x = y
+    loss = b.storage(4, Kind.TEMPORARY)
+    b.op(Phase.FORWARD, None, reads=[x], creates=[loss], frees=[x], duration_s=1e-5)
+    for i in reversed(range(n_layers)):
+        xi, h, g = keep[i]
+        b.op(Phase.BACKWARD, i, reads=[g, h, xi, params[i]],
+             frees=[g, h, xi] if i else [g, h], duration_s=2e-3)
+    b.op(Phase.OTHER, None, frees=[loss], duration_s=1e-5)
+    return b.build(n_layers)
+
+
+def test_selective_recompute_keeps_the_products_and_reruns_the_cheap_ops(tmp_path):
+    trace = products()
+    keeps = ("aten::mm",)
+    end_forward = max(op.index for op in trace.ops if op.phase is Phase.FORWARD)
+    selective = with_recomputed_layers(trace, [0, 1, 2], keeps)
+    full = with_recomputed_layers(trace, [0, 1, 2])
+    assert _lives(selective) and _lives(full)
+    assert selective.meta["recompute_keeps"] == ["aten::mm"]
+    # only the gelus rerun (one op a layer, 0.1 ms each); the whole forward reruns in full
+    assert len(selective.ops) == len(trace.ops) + 3
+    rerun = [op.name for op in selective.ops if op.phase is Phase.BACKWARD
+             and op.name != "aten::test"]
+    assert rerun == ["aten::gelu"] * 3
+    extra = sum(op.duration_s for op in selective.ops) - sum(op.duration_s for op in trace.ops)
+    assert extra == pytest.approx(3e-4)
+    # between the passes, selective drops each layer's 2 MiB gelu output, full its 3 MiB
+    assert trace.live_bytes[end_forward] - selective.live_bytes[end_forward] == 3 * 2 * MiB
+    assert trace.live_bytes[end_forward] - full.live_bytes[end_forward] == 3 * 3 * MiB
+    # the baseline policy, its plan file and its replay
+    hw = hardware(Access.MIGRATE)
+    plan = sh.plan(trace, hw, trace.peak_bytes, "checkpoint-selective")
+    assert plan.recompute == (0, 1, 2) and plan.recompute_keeps == tuple(sorted(MATMUL_OPS))
+    loaded = load_plan(save_plan(plan, tmp_path / "plan.json"))
+    assert loaded == plan
+    peaks = {name: sh.simulate(trace, p, hw).peak_fast_bytes for name, p in (
+        ("selective", loaded), ("full", sh.plan(trace, hw, trace.peak_bytes, "checkpoint-all")),
+        ("none", sh.plan(trace, hw, trace.peak_bytes, "all-fast")))}
+    assert peaks["full"] < peaks["selective"] < peaks["none"], peaks
+    assert sh.simulate(trace, loaded, hw).step_s < sh.simulate(
+        trace, sh.plan(trace, hw, trace.peak_bytes, "checkpoint-all"), hw).step_s
+
+
+def test_a_version_2_plan_file_still_loads_as_whole_layer_recompute(tmp_path):
+    import json
+
+    trace = blocks(3, [2 * MiB], 64 * 1024, [1e-4])
+    plan = sh.plan(trace, hardware(Access.MIGRATE), "60%", "checkpoint-all")
+    path = save_plan(plan, tmp_path / "plan.json")
+    data = json.loads(path.read_text())
+    data["version"] = 2
+    del data["recompute_keeps"]
+    path.write_text(json.dumps(data))
+    assert load_plan(path) == plan

@@ -32,7 +32,7 @@ class Builder:
         return len(self.storages) - 1
 
     def op(self, phase: Phase, layer: int | None, reads=(), creates=(), frees=(),
-           duration_s: float = 1e-3, writes=()) -> int:
+           duration_s: float = 1e-3, writes=(), name: str = "aten::test") -> int:
         i = len(self.ops)
         for sid in creates:
             self.storages[sid]["created_at"] = i
@@ -41,7 +41,7 @@ class Builder:
         rb = sum(self.storages[s]["nbytes"] for s in reads)
         out = tuple(dict.fromkeys((*creates, *writes)))
         wb = sum(self.storages[s]["nbytes"] for s in out)
-        self.ops.append(OpRecord(i, "aten::test", phase, layer, tuple(reads), out, self.t,
+        self.ops.append(OpRecord(i, name, phase, layer, tuple(reads), out, self.t,
                                  duration_s, rb, wb, 0))
         self.t += duration_s
         return i

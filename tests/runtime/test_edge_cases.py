@@ -147,6 +147,20 @@ def test_cuda_tiers_for_a_model_on_the_cpu_are_refused_at_construction():
         sh.Sentinel(model, opt, tiers="cuda")
 
 
+@pytest.mark.parametrize(("policy", "says"), [
+    ("sentinal", r"unknown policy 'sentinal': choose one of .*sentinel"),
+    ("checkpoint-selective", r"baseline for the planner.*policy='sentinel' and recompute=True"),
+    ("checkpoint-all", r"baseline for the planner"),
+])
+def test_a_policy_the_runtime_cannot_execute_is_refused_at_construction(policy, says):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(sh.SentinelError, match=says) as error:
+        sh.Sentinel(model, opt, policy=policy)
+    if "unknown" in says:  # the choices offered are the ones the runtime executes
+        assert "checkpoint" not in str(error.value)
+
+
 def _dropout_mlp_run(budget: str | None) -> tuple[list, list, sh.Sentinel | None]:
     torch.manual_seed(0)
     net = torch.nn.Sequential(

@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}", file=sys.stderr)
     if args.chrome:
         chrome = args.chrome
-        step = recomputing(setup.ctx, plan.recompute).trace  # the step the plan runs
+        step = recomputing(setup.ctx, plan.recompute, plan.recompute_keeps).trace  # the step the plan runs
         out = write_or_fail(lambda: save_sim_chrome(step, result, chrome), chrome)
         print(f"wrote {out}", file=sys.stderr)
     print(summarize_plan(setup, plan, result))

@@ -16,7 +16,9 @@ the fast tier for their whole life (short-lived tensors always do).
   (activation checkpointing) instead of keeping their saved activations. The
   plan's storages and ops are then those of the trace with these layers
   recomputed (`sentinel_hm.trace.recompute.with_recomputed_layers`): ``n_ops``,
-  ``n_storages``, placement and moves refer to that trace.
+  ``n_storages``, placement and moves refer to that trace. ``recompute_keeps``:
+  op names whose outputs the recomputation keeps (selective checkpointing); empty:
+  the layers' whole forward reruns.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Plan:
     moves: tuple[Move, ...] = ()
     info: dict[str, object] = field(default_factory=dict)
     recompute: tuple[int, ...] = ()  # layer indices, sorted
+    recompute_keeps: tuple[str, ...] = ()  # op names, sorted
 
     @property
     def managed(self) -> frozenset[int]:

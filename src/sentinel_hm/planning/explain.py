@@ -96,7 +96,8 @@ def explain_peak(ctx: Context, plan: Plan, result: SimResult | None = None) -> P
 
     ``result``: the plan's replay on ``ctx`` if the caller has it (saves one replay).
     """
-    ctx = recomputing(ctx, plan.recompute)  # NOTE [Recompute as a trace]: the plan's step
+    # NOTE [Recompute as a trace]: the plan's step
+    ctx = recomputing(ctx, plan.recompute, plan.recompute_keeps)
     trace = ctx.trace
     if not trace.ops:
         raise SentinelError("the trace has no ops: there is no peak to explain")

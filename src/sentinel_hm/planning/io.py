@@ -10,7 +10,8 @@ from sentinel_hm.errors import SentinelError
 from sentinel_hm.jsonfile import read_json, write_json
 
 FORMAT = "sentinel-hm/plan"
-SCHEMA_VERSION = 2  # 2: recomputed layers
+SCHEMA_VERSION = 3  # 2: recomputed layers; 3: ops selective recomputation keeps
+READABLE = (2, 3)  # a version 2 plan recomputes whole layers
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -26,6 +27,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "moves": [[m.storage, m.to.value, m.issue_at, m.nbytes] for m in plan.moves],
         "info": plan.info,
         "recompute": list(plan.recompute),
+        "recompute_keeps": list(plan.recompute_keeps),
     }
 
 
@@ -45,9 +47,10 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
 
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise fail(f'not a sentinel-hm plan (no "format": "{FORMAT}")')
-    if data.get("version") != SCHEMA_VERSION:
+    if data.get("version") not in READABLE:
         raise fail(f"plan schema version {data.get('version')!r} is not supported (this "
-                   f"sentinel-hm reads version {SCHEMA_VERSION}): make the plan again")
+                   f"sentinel-hm reads versions {', '.join(map(str, READABLE))}): make the "
+                   "plan again")
     try:
         n_ops, n_storages = int(data["n_ops"]), int(data["n_storages"])
         placement = {}
@@ -67,9 +70,13 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
         if not (isinstance(recompute, list) and all(isinstance(i, int) and i >= 0
                                                      for i in recompute)):
             raise fail(f"recompute {recompute!r} is not a list of layer indices")
+        keeps = data.get("recompute_keeps", [])
+        if not (isinstance(keeps, list) and all(isinstance(name, str) for name in keeps)):
+            raise fail(f"recompute_keeps {keeps!r} is not a list of op names")
         return Plan(str(data["policy"]), str(data["hardware"]), int(data["budget_bytes"]),
                     n_ops, n_storages, placement, tuple(moves),
-                    dict(info) if isinstance(info, dict) else {}, tuple(sorted(recompute)))
+                    dict(info) if isinstance(info, dict) else {}, tuple(sorted(recompute)),
+                    tuple(sorted(keeps)))
     except SentinelError:
         raise
     except (KeyError, TypeError, ValueError) as e:

@@ -64,7 +64,7 @@ def _try(ctx: Context, budget: int, policy: str) -> tuple[Plan, SimResult] | Non
         plan = REGISTRY[policy](ctx, budget)
     except Infeasible:
         return None
-    step = recomputing(ctx, plan.recompute)  # the step the plan runs
+    step = recomputing(ctx, plan.recompute, plan.recompute_keeps)  # the step the plan runs
     result = simulate(step.trace, plan, ctx.hardware, cost=step.cost)
     if result.overflow_bytes or result.peak_fast_bytes > budget:
         return None

@@ -96,6 +96,8 @@ from sentinel_hm.core.hardware import Access, Hardware
 from sentinel_hm.core.plan import Plan, Tier
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.planner import context, explain_min_budget, make_plan, min_budget
+from sentinel_hm.planning.policies import POLICIES
+from sentinel_hm.planning.policies.baselines import PLANNER_ONLY
 from sentinel_hm.planning.policies.sentinel import parse_interval_label
 from sentinel_hm.runtime.chunked_optimizer import (
     ChunkedStep,
@@ -205,6 +207,7 @@ class Sentinel:
         self.optimizer = optimizer
         self.fast_memory = fast_memory
         self.policy = policy
+        _check_policy(policy)
         if trials < 0:
             raise SentinelError(f"trials={trials} is negative: give 0 (no trials) or more")
         _refuse_compiled(model)
@@ -860,6 +863,18 @@ def _local_of(state: dict[str, Any], key: str) -> torch.Tensor | None:
 def _put_local(state: dict[str, Any], key: str, local: torch.Tensor) -> None:
     """The state's DTensor again, over ``local`` (its shard's new place)."""
     state[key] = with_local(state[key], local)
+
+
+def _check_policy(policy: str) -> None:
+    """A policy the runtime can execute, checked before any step runs."""
+    if policy not in POLICIES:
+        raise SentinelError(f"unknown policy {policy!r}: choose one of "
+                            f"{', '.join(p for p in POLICIES if p not in PLANNER_ONLY)}")
+    if policy in PLANNER_ONLY:
+        raise SentinelError(
+            f"policy {policy!r} is a baseline for the planner and simulator (sh.plan, sentinel "
+            "simulate); the runtime recomputes with policy='sentinel' and recompute=True (it "
+            "chooses which layers), or wrap layers in torch.utils.checkpoint yourself")
 
 
 def _refuse_compiled(model: nn.Module) -> None:

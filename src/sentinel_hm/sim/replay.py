@@ -91,10 +91,12 @@ def simulate(
     """
     if isinstance(hardware, str):
         hardware = parse_hardware(hardware)
-    done = trace.meta.get("recomputed_layers")
-    if plan.recompute and (tuple(done) if isinstance(done, list) else ()) != plan.recompute:
+    done, keeps = trace.meta.get("recomputed_layers"), trace.meta.get("recompute_keeps")
+    if plan.recompute and ((tuple(done) if isinstance(done, list) else ()) != plan.recompute
+                           or (tuple(keeps) if isinstance(keeps, list) else ())
+                           != plan.recompute_keeps):
         # NOTE [Recompute as a trace]: the plan is for the step that recomputes these layers
-        trace = with_recomputed_layers(trace, plan.recompute)
+        trace = with_recomputed_layers(trace, plan.recompute, plan.recompute_keeps)
         if cost is not None and len(cost.base_s) != len(trace.ops):
             cost = None  # the caller's cost model is the original step's
     if snapshot_at is not None and not 0 <= snapshot_at < len(trace.ops):

@@ -16,6 +16,14 @@ Storages L creates that others use (its output, read by the next layer) are
 left as they are. A layer qualifies when it has one forward and one backward
 instance and saves something of its own; its inputs are still saved (by the
 layer before, or by checkpoint itself), so they need no change.
+
+Selective recomputation (``keeps``: op names, as PyTorch's selective
+activation checkpointing saves the outputs of the ops its policy names): the
+layer's ops named in ``keeps`` do not rerun and their outputs are kept (saved
+ones as before; others the rerun reads live until the rerun). Only the other
+ops rerun, and only their saved outputs are dropped. With ``MATMUL_OPS`` the
+costly products are kept and the cheap ops around them (activations, norms,
+dropout, softmax) are rebuilt.
 """
 
 from __future__ import annotations
@@ -24,6 +32,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from sentinel_hm.trace.model import Kind, Phase, Trace
+
+# The compute-bound ops whose outputs selective checkpointing keeps: products and
+# convolutions (their backward would otherwise pay for them twice)
+MATMUL_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+    "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution",
+    "aten::cudnn_convolution", "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_cudnn_attention", "aten::mkldnn_rnn", "aten::_cudnn_rnn",
+})
 
 
 @dataclass(frozen=True)
@@ -64,30 +83,50 @@ def recomputable_layers(trace: Trace) -> dict[int, RecomputableLayer]:
     return out
 
 
-def with_recomputed_layers(trace: Trace, layers: Iterable[int]) -> Trace:
-    """``trace`` as it would run with ``layers`` recomputed (NOTE [Recompute as a trace])."""
+def with_recomputed_layers(trace: Trace, layers: Iterable[int],
+                           keeps: Iterable[str] = ()) -> Trace:
+    """``trace`` as it would run with ``layers`` recomputed (NOTE [Recompute as a trace]);
+    with ``keeps``, selectively: the outputs of ops of those names are kept, not rebuilt."""
     candidates = recomputable_layers(trace)
-    wanted = sorted(i for i in set(layers) if i in candidates)
-    if not wanted:
-        return trace
+    kept_names = frozenset(keeps)
     ops = list(trace.ops)
     storages = {s.id: s for s in trace.storages}
     accesses = trace.accesses
     next_id = max(storages, default=-1) + 1
+    plans = []  # (layer, forward ops that rerun, saved storages dropped), in layer order
+    for i in sorted(set(layers)):
+        layer = candidates.get(i)
+        if layer is None:
+            continue
+        f0 = layer.forward[0]
+        kept = {o for op in ops[f0 : layer.last_op + 1] if op.name in kept_names
+                for o in op.outputs}
+        dropped = layer.saved - kept
+        if not dropped:  # every save is kept: nothing to rebuild
+            continue
+        last = max(storages[sid].created_at or f0 for sid in dropped)
+        rerun_at = [k for k in range(f0, last + 1) if ops[k].name not in kept_names]
+        plans.append((i, layer, rerun_at, dropped, layer.own - (layer.saved & kept)))
+    if not plans:
+        return trace
+    wanted = [i for i, *_ in plans]
+    inserted: list[tuple[int, int]] = []  # (backward op, ops inserted there)
     # Latest backward first: an insertion moves only ops after it, so the layers still to
     # do keep their indices.
-    for layer in sorted((candidates[i] for i in wanted), key=lambda c: -c.backward[0]):
+    for _, layer, rerun_at, dropped, own in sorted(plans, key=lambda p: -p[1].backward[0]):
         f0, f1 = layer.forward
         b0, b1 = layer.backward
-        rerun = ops[f0 : layer.last_op + 1]
+        rerun = [ops[k] for k in rerun_at]
         m = len(rerun)
-        made_by_rerun = {o for op in rerun for o in op.outputs
-                         if (c := storages[o].created_at) is not None and f0 <= c}
+        inserted.append((b0, m))
+        at = {k: b0 + n for n, k in enumerate(rerun_at)}  # forward op -> its rerun's index
+        made_by_rerun = {o for op in rerun for o in op.outputs if storages[o].created_at in at}
         read_by_rerun = {i for op in rerun for i in op.inputs} - made_by_rerun
         twin = {sid: next_id + k for k, sid in enumerate(sorted(made_by_rerun))}
         next_id += len(twin)
-        # the forward keeps none of its own storages beyond their last forward use
-        for sid in layer.own:
+        # the forward keeps none of its own storages beyond their last forward use, but
+        # those selective recomputation keeps
+        for sid in own:
             old = storages[sid]
             reads, writes = accesses[sid]
             last_fwd = max(op for op in (*reads, *writes, old.created_at or f0) if op <= f1)
@@ -112,8 +151,8 @@ def with_recomputed_layers(trace: Trace, layers: Iterable[int]) -> Trace:
         for sid, tid in twin.items():
             old = storages[sid]
             assert old.created_at is not None
-            made = b0 + (old.created_at - f0)
-            if sid in layer.saved:
+            made = at[old.created_at]
+            if sid in dropped:
                 last = max(op + m for op in accesses[sid][0] if b0 <= op <= b1)
                 storages[tid] = replace(old, id=tid, created_at=made, freed_at=last, saved=True,
                                         kind=Kind.SAVED_ACTIVATION, name=None)
@@ -121,7 +160,7 @@ def with_recomputed_layers(trace: Trace, layers: Iterable[int]) -> Trace:
                 uses = [op.index for op in new_ops if tid in op.inputs]
                 storages[tid] = replace(old, id=tid, created_at=made, freed_at=max([made, *uses]),
                                         saved=False, kind=Kind.TEMPORARY, name=None)
-        saved_twins = {sid: twin[sid] for sid in layer.saved if sid in twin}
+        saved_twins = {sid: twin[sid] for sid in dropped if sid in twin}
         later = [replace(op, index=op.index + m,
                          inputs=tuple(saved_twins.get(i, i) if b0 <= op.index <= b1 else i
                                       for i in op.inputs))
@@ -129,11 +168,11 @@ def with_recomputed_layers(trace: Trace, layers: Iterable[int]) -> Trace:
         ops = ops[:b0] + new_ops + later
     meta = dict(trace.meta)
     meta["recomputed_layers"] = wanted  # a plan for this trace names them (Plan.recompute)
+    if kept_names:
+        meta["recompute_keeps"] = sorted(kept_names)  # and these (Plan.recompute_keeps)
     chunks = trace.meta.get("optimizer_chunks")
     if isinstance(chunks, list):
-        inserted = [(c.backward[0], c.last_op - c.forward[0] + 1)
-                    for c in (candidates[i] for i in wanted)]
-        meta["optimizer_chunks"] = [int(op) + sum(m for at, m in inserted if int(op) >= at)
+        meta["optimizer_chunks"] = [int(op) + sum(m for where, m in inserted if int(op) >= where)
                                     for op in chunks]
     return Trace(tuple(ops), tuple(storages[sid] for sid in sorted(storages)), trace.layers,
                  meta)

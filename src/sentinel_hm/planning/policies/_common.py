@@ -64,8 +64,8 @@ class Context:
         return recomputable_layers(self.trace)
 
     @cached_property
-    def recomputed(self) -> dict[tuple[int, ...], Context]:
-        """`recomputing`'s contexts, by layer set (an attribute of this instance only:
+    def recomputed(self) -> dict[tuple[tuple[int, ...], tuple[str, ...]], Context]:
+        """`recomputing`'s contexts, by layer set and kept ops (an attribute of this instance only:
         ``dataclasses.replace`` starts a new one, whose other fields may differ)."""
         return {}
 
@@ -222,10 +222,10 @@ def empty_plan(
     ordered = sorted(moves or (), key=lambda m: m.issue_at)
     if ctx.clock is not None:  # moving to the clock keeps the order; repeats merge
         ordered = list(dict.fromkeys(_on_clock(ctx, m) for m in ordered))
-    recomputed = ctx.trace.meta.get("recomputed_layers")
+    recomputed, keeps = recomputed_as(ctx.trace)
     return Plan(policy, ctx.hardware.name, budget, len(ctx.trace.ops), len(ctx.trace.storages),
                 placement=dict(placement or {}), moves=tuple(ordered), info=dict(info or {}),
-                recompute=tuple(recomputed) if isinstance(recomputed, list) else ())
+                recompute=recomputed, recompute_keeps=keeps)
 
 
 def _on_clock(ctx: Context, move: Move) -> Move:
@@ -273,15 +273,22 @@ def register(name: str, *, direct_only: bool = False) -> Callable[[PolicyFn], Po
     return wrap
 
 
-def recomputing(ctx: Context, layers: tuple[int, ...]) -> Context:
-    """``ctx`` for the step with ``layers`` recomputed (NOTE [Recompute as a trace]); made
-    once per context and layer set (a bisection plans and replays the same sets again)."""
-    done = ctx.trace.meta.get("recomputed_layers")
-    if not layers or (isinstance(done, list) and tuple(done) == tuple(layers)):
+def recomputing(ctx: Context, layers: tuple[int, ...], keeps: tuple[str, ...] = ()) -> Context:
+    """``ctx`` for the step with ``layers`` recomputed (NOTE [Recompute as a trace]), keeping
+    the outputs of ops named in ``keeps``; made once per context, layer set and keeps (a
+    bisection plans and replays the same sets again)."""
+    if not layers or recomputed_as(ctx.trace) == (tuple(layers), tuple(keeps)):
         return ctx
-    layers = tuple(layers)
-    if layers not in ctx.recomputed:
-        trace = with_recomputed_layers(ctx.trace, layers)
-        ctx.recomputed[layers] = replace(ctx, trace=trace, cost=CostModel(trace, ctx.hardware),
-                                         min_budgets={})
-    return ctx.recomputed[layers]
+    key = (tuple(layers), tuple(keeps))
+    if key not in ctx.recomputed:
+        trace = with_recomputed_layers(ctx.trace, layers, keeps)
+        ctx.recomputed[key] = replace(ctx, trace=trace, cost=CostModel(trace, ctx.hardware),
+                                      min_budgets={})
+    return ctx.recomputed[key]
+
+
+def recomputed_as(trace: Trace) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The layers ``trace`` already recomputes, and the ops whose outputs it keeps."""
+    done, keeps = trace.meta.get("recomputed_layers"), trace.meta.get("recompute_keeps")
+    return (tuple(done) if isinstance(done, list) else (),
+            tuple(keeps) if isinstance(keeps, list) else ())

@@ -13,7 +13,12 @@ from sentinel_hm.planning.policies._common import (
     slow_homed,
 )
 from sentinel_hm.trace.model import Kind, Phase
+from sentinel_hm.trace.recompute import MATMUL_OPS
 from sentinel_hm.units import format_bytes
+
+# Policies that recompute, for comparison in the planner and simulator; the runtime executes
+# its own recomputation (policy "sentinel", recompute=True), not these
+PLANNER_ONLY = frozenset({"checkpoint-all", "checkpoint-selective"})
 
 
 @register("all-fast")
@@ -129,12 +134,24 @@ def checkpoint_all(ctx: Context, budget: int) -> Plan:
     """Activation checkpointing of every layer it can drop saved bytes from (as
     ``torch.utils.checkpoint`` around each layer would), nothing moved: each such layer's
     forward reruns before its backward (NOTE [Recompute as a trace])."""
-    layers = tuple(sorted(ctx.recomputable))
-    rctx = recomputing(ctx, layers)
+    return _checkpoint(ctx, budget, "checkpoint-all", ())
+
+
+@register("checkpoint-selective")
+def checkpoint_selective(ctx: Context, budget: int) -> Plan:
+    """Selective activation checkpointing of every layer, nothing moved: the outputs of its
+    products and convolutions (``MATMUL_OPS``) are kept, the cheap ops around them rerun
+    before the layer's backward (as PyTorch's selective checkpointing with a policy that
+    saves matmuls does)."""
+    return _checkpoint(ctx, budget, "checkpoint-selective", tuple(sorted(MATMUL_OPS)))
+
+
+def _checkpoint(ctx: Context, budget: int, name: str, keeps: tuple[str, ...]) -> Plan:
+    rctx = recomputing(ctx, tuple(sorted(ctx.recomputable)), keeps)
     peak = rctx.trace.peak_bytes
     if peak > budget:
         raise Infeasible(
-            f"checkpoint-all keeps {format_bytes(peak)} in fast memory at its peak; the budget "
+            f"{name} keeps {format_bytes(peak)} in fast memory at its peak; the budget "
             f"is {format_bytes(budget)}: raise it or pick a policy that migrates (sentinel)"
         )
-    return empty_plan(rctx, "checkpoint-all", budget)
+    return empty_plan(rctx, name, budget)
