@@ -36,7 +36,7 @@ from sentinel_hm.core.plan import Move, Plan, Tier
 from sentinel_hm.core.presets import parse_hardware
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.trace.model import Trace
-from sentinel_hm.trace.recompute import with_recomputed_layers
+from sentinel_hm.trace.recompute import recomputed_as, with_recomputed_layers
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,7 @@ def simulate(
     """
     if isinstance(hardware, str):
         hardware = parse_hardware(hardware)
-    done, keeps = trace.meta.get("recomputed_layers"), trace.meta.get("recompute_keeps")
-    if plan.recompute and ((tuple(done) if isinstance(done, list) else ()) != plan.recompute
-                           or (tuple(keeps) if isinstance(keeps, list) else ())
-                           != plan.recompute_keeps):
+    if plan.recompute and recomputed_as(trace) != (plan.recompute, plan.recompute_keeps):
         # NOTE [Recompute as a trace]: the plan is for the step that recomputes these layers
         trace = with_recomputed_layers(trace, plan.recompute, plan.recompute_keeps)
         if cost is not None and len(cost.base_s) != len(trace.ops):

@@ -178,5 +178,12 @@ def with_recomputed_layers(trace: Trace, layers: Iterable[int],
                  meta)
 
 
+def recomputed_as(trace: Trace) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The layers ``trace`` already recomputes, and the ops whose outputs it keeps."""
+    done, keeps = trace.meta.get("recomputed_layers"), trace.meta.get("recompute_keeps")
+    return (tuple(done) if isinstance(done, list) else (),
+            tuple(keeps) if isinstance(keeps, list) else ())
+
+
 def _shift(op: int | None, at: int, by: int) -> int | None:
     return op + by if op is not None and op >= at else op

@@ -15,6 +15,7 @@ from sentinel_hm.trace.model import Kind, Phase, StorageRecord, Trace
 from sentinel_hm.trace.recompute import (
     RecomputableLayer,
     recomputable_layers,
+    recomputed_as,
     with_recomputed_layers,
 )
 
@@ -286,9 +287,3 @@ def recomputing(ctx: Context, layers: tuple[int, ...], keeps: tuple[str, ...] = 
                                       min_budgets={})
     return ctx.recomputed[key]
 
-
-def recomputed_as(trace: Trace) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """The layers ``trace`` already recomputes, and the ops whose outputs it keeps."""
-    done, keeps = trace.meta.get("recomputed_layers"), trace.meta.get("recompute_keeps")
-    return (tuple(done) if isinstance(done, list) else (),
-            tuple(keeps) if isinstance(keeps, list) else ())
