@@ -1,13 +1,16 @@
-"""torch.compile beside Sentinel (NOTE [Compiled code under the tracer]).
+"""torch.compile under Sentinel (NOTE [Tracing compiled code], NOTE [Compiled code under the
+tracer]).
 
-A compiled model is refused at construction, with the reason, before anything runs on it. A
-compiled function that Sentinel cannot see from the model (called inside its forward) keeps
-running compiled after Sentinel has profiled and audited steps: the tracer no longer leaves
-dynamo's "skip" marks that made it run eagerly for the rest of the process. The tests compile
-with the ``aot_eager`` backend (no C++ compiler run: seconds, not minutes); dynamo's frame
-handling, which the marks are about, is the same for every backend."""
+A compiled model (``torch.compile(model)``, ``model.compile()``, compiled blocks) is profiled
+as it runs, compiled, and trained under Sentinel bit for bit as the same compiled training
+without it, with as many compiled regions per steady step. A compiled function that Sentinel
+cannot see from the model (called inside its forward) keeps running compiled after Sentinel
+has profiled and audited steps. Most tests compile with the ``aot_eager`` backend (no C++
+compiler run: seconds, not minutes); one runs inductor itself."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -28,18 +31,21 @@ def compiled_regions(step) -> int:
 
 
 class _Block(nn.Module):  # a module of the user's: dynamo skips torch.nn's own forwards
-    def __init__(self, width: int, out: int) -> None:
+    def __init__(self, width: int, out: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.linear = nn.Linear(width, out)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.linear(x))
+        return self.dropout(torch.relu(self.linear(x)))
 
 
 class _MLP(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([_Block(32, 64), _Block(64, 8)])
+        self.blocks = nn.ModuleList([_Block(64, 512, dropout),
+                                     *(_Block(512, 512, dropout) for _ in range(6)),
+                                     _Block(512, 8)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -47,36 +53,89 @@ class _MLP(nn.Module):
         return x
 
 
-def _mlp() -> _MLP:
-    torch.manual_seed(0)
-    return _MLP()
-
-
-@pytest.mark.parametrize("how", ["torch.compile(model)", "model.compile()", "a compiled block"])
-def test_a_compiled_model_is_refused_at_construction(how):
-    model = _mlp()
+def _compiled(model: _MLP, how: str, backend: str) -> nn.Module:
     if how == "torch.compile(model)":
-        compiled = torch.compile(model, backend=BACKEND)
-    elif how == "model.compile()":
-        model.compile(backend=BACKEND)
-        compiled = model
+        return torch.compile(model, backend=backend)
+    if how == "model.compile()":
+        model.compile(backend=backend)
     else:
-        model.blocks[0].compile(backend=BACKEND)
-        compiled = model
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randn(16, 32)
+        for block in model.blocks:
+            block.compile(backend=backend)
+    return model
+
+
+def _train_compiled(how: str, budget: str | None, backend: str = BACKEND, steps: int = 9,
+                    dropout: float = 0.1) -> tuple[list, list, dict, int]:
+    """Compiled training, under Sentinel at ``budget``; returns the losses, the parameters,
+    Sentinel's stats and the compiled regions entered by the last step (a steady one)."""
+    torch.manual_seed(0)
+    model = _MLP(dropout)
+    compiled = _compiled(model, how, backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sentinel = sh.Sentinel(compiled, opt, fast_memory=budget, tiers="host", trials=0) \
+        if budget else None
+    gen = torch.Generator().manual_seed(1)
+    losses = []
 
     def step() -> None:
-        compiled(x).sum().backward()
-        opt.step()
-        opt.zero_grad()
+        with sentinel.step() if sentinel else contextlib.nullcontext():
+            loss = compiled(torch.randn(2048, 64, generator=gen)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses.append(loss.detach())
 
-    step()
-    before = compiled_regions(step)
-    assert before >= 1
-    with pytest.raises(sh.SentinelError, match=r"compiled with torch\.compile"):
-        sh.Sentinel(compiled, opt)
-    assert compiled_regions(step) == before
+    for i in range(steps - 1):
+        if sentinel is not None and i == steps - 2:
+            sentinel.audit()
+        step()
+    regions = compiled_regions(step)
+    stats = sentinel.stats() if sentinel else {}
+    if sentinel is not None:
+        sentinel.close()
+    return losses, [p.detach().clone() for p in model.parameters()], stats, regions
+
+
+# A whole compiled model saves its activations at the end of its forward and unpacks them all
+# when its one backward node starts: only gradients and optimizer state can move; compiled
+# blocks let activations move between them (docs/integrations.md).
+@pytest.mark.parametrize(("how", "budget"), [("torch.compile(model)", "min"),
+                                             ("model.compile()", "min"),
+                                             ("compiled blocks", "50%"),
+                                             ("compiled blocks", "min")])
+def test_compiled_training_is_bitwise_equal_and_stays_compiled(how, budget):
+    plain_losses, plain_params, _, plain_regions = _train_compiled(how, None)
+    losses, params, stats, regions = _train_compiled(how, budget)
+    assert stats["phase"] == "steady", stats
+    assert stats["profiles"] == 1 and not stats["mismatches"], stats
+    assert stats["bytes_to_slow_per_step"] > 0
+    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
+    assert stats["budget_bytes"] < stats["all_fast_peak_bytes"]
+    assert regions == plain_regions >= 1  # the steady step ran compiled, as without Sentinel
+    assert_same(plain_losses, losses)
+    assert_same(plain_params, params)
+
+
+def test_inductor_compiled_training_is_bitwise_equal():
+    """The real backend: inductor's own kernels and buffers, traced from the allocator."""
+    how = "torch.compile(model)"
+    plain_losses, plain_params, _, plain_regions = _train_compiled(how, None, "inductor",
+                                                                   steps=7, dropout=0.0)
+    losses, params, stats, regions = _train_compiled(how, "min", "inductor", steps=7,
+                                                     dropout=0.0)
+    assert stats["phase"] == "steady" and stats["bytes_to_slow_per_step"] > 0, stats
+    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"] \
+        < stats["all_fast_peak_bytes"]
+    assert regions == plain_regions >= 1
+    assert_same(plain_losses, losses)
+    assert_same(plain_params, params)
+
+
+def test_compiled_with_fsdp2_is_refused_at_construction(monkeypatch):
+    model = _compiled(_MLP(), "model.compile()", BACKEND)
+    monkeypatch.setattr("sentinel_hm.runtime.manager.has_sharded_parameters", lambda m: True)
+    with pytest.raises(sh.SentinelError, match="FSDP2"):
+        sh.Sentinel(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 @torch.compile(backend=BACKEND)

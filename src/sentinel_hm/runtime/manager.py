@@ -112,6 +112,7 @@ from sentinel_hm.runtime.schedule import Schedule, StepEvents
 from sentinel_hm.runtime.steady import SteadyStep
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.tiers import open_tiers
+from sentinel_hm.trace.allocation_tracer import AllocationTracer
 from sentinel_hm.trace.model import Kind, Phase, Trace
 from sentinel_hm.trace.sharded import (
     has_sharded_parameters,
@@ -210,7 +211,14 @@ class Sentinel:
         _check_policy(policy)
         if trials < 0:
             raise SentinelError(f"trials={trials} is negative: give 0 (no trials) or more")
-        _refuse_compiled(model)
+        self._sharded = has_sharded_parameters(model)
+        # NOTE [Tracing compiled code]: a compiled model is profiled as it runs, compiled
+        self._compiled = _compiled_modules(model)
+        if self._compiled and self._sharded:
+            raise SentinelError(
+                f"{self._compiled[0]} is compiled with torch.compile and its parameters are "
+                "sharded by FSDP2 (fully_shard): Sentinel does not run the two together yet; "
+                "give it the uncompiled model (compiled._orig_mod), or train without Sentinel")
         self.trials = trials
         if not isinstance(recompute, bool):
             raise SentinelError(f"recompute={recompute!r} is not a bool: give True (the plan may "
@@ -241,7 +249,6 @@ class Sentinel:
         self._named = dict(model.named_parameters())  # the names the tracer gives them
         # NOTE [Chunked optimizer step]: the update streams chunk by chunk when it can
         reason = why_not_streamable(optimizer)
-        self._sharded = has_sharded_parameters(model)
         if self._sharded:  # NOTE [FSDP2]
             warnings.warn(
                 "sentinel: the parameters are sharded DTensors (FSDP2's fully_shard): Sentinel "
@@ -366,8 +373,9 @@ class Sentinel:
     def _profile_step(self) -> Iterator[None]:
         self._restore()
         events = StepEvents()
-        tracer = Tracer(self.model, self.optimizer, on_saved=events)
-        handles = self._grad_hooks(lambda name: events.grad_ready(name, tracer.next_op))
+        tracer = self._tracer(on_saved=events)
+        handles = self._grad_hooks(
+            lambda name: tracer.at_next_op(partial(events.grad_ready, name)))
         chunked = None
         if self._chunks is not None:  # the profile sees the update as it will run
             chunked = ChunkedStep(self.optimizer, self._chunks,
@@ -391,6 +399,8 @@ class Sentinel:
         movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
         if self._sharded:  # NOTE [FSDP2]: FSDP2 owns the parameters and their gradients
             movable = frozenset({Kind.SAVED_ACTIVATION, Kind.OPTIMIZER_STATE})
+        if self._compiled:  # NOTE [Tracing compiled code]: a graph's reads are not seen
+            movable -= {Kind.PARAMETER}
         streamed = "optimizer_chunks" in trace.meta
         self._ctx = context(trace, hw, movable=movable, stream_optimizer=streamed,
                             clock=events.clock(trace), device=str(self._device))
@@ -426,6 +436,12 @@ class Sentinel:
             return
         self._start_trials()
 
+    def _tracer(self, **kwargs: Any) -> Tracer | AllocationTracer:
+        """The tracer that sees this model's steps as they run (NOTE [Tracing compiled code])."""
+        if self._compiled:
+            return AllocationTracer(self.model, self.optimizer, **kwargs)
+        return Tracer(self.model, self.optimizer, **kwargs)
+
     def _note_held_late(self, freed_late: dict[int, int]) -> None:
         """NOTE [Held by the program]: evictions whose bytes died later in the forward pass
         (those that died in backward were held to the end: ``_program_held``)."""
@@ -446,7 +462,8 @@ class Sentinel:
     def _recompute_layers(self, trace: Trace) -> bool:
         """NOTE [Recomputed layers]: whether the planner recomputes layers at this budget; if
         so, they are wrapped in checkpoints and the step must be profiled again."""
-        if not self.recompute or self._checkpointed or self.policy != "sentinel":
+        if (not self.recompute or self._checkpointed or self.policy != "sentinel"
+                or self._compiled):  # inductor chooses what a compiled region recomputes
             return False
         modules = dict(self.model.named_modules())
         allowed = frozenset(layer.index for layer in trace.layers
@@ -768,7 +785,7 @@ class Sentinel:
             if device is not None:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            tracer = Tracer(self.model, self.optimizer, track_saved=False)
+            tracer = self._tracer(track_saved=False)
             arena = self.tiers.arena()
             tracer.start()
             if arena is not None:
@@ -877,20 +894,11 @@ def _check_policy(policy: str) -> None:
             "chooses which layers), or wrap layers in torch.utils.checkpoint yourself")
 
 
-def _refuse_compiled(model: nn.Module) -> None:
-    """NOTE [Compiled code under the tracer]: the plan comes from an eager profile, and a
-    compiled region saves other tensors for backward (fewer, fused, all at its end), so no
-    steady step would match it; refused before anything runs."""
-    compiled = [name or "the model" for name, m in model.named_modules()
-                if getattr(m, "_compiled_call_impl", None) is not None
-                or "_orig_mod" in m._modules]
-    if compiled:
-        raise SentinelError(
-            f"{compiled[0]} is compiled with torch.compile (torch.compile(module) or "
-            "module.compile()): Sentinel plans from an eager profile of the step, and compiled "
-            "code saves other tensors for backward than the profile would see, so no plan of "
-            "it could run. Give Sentinel the uncompiled model (the module torch.compile was "
-            "given: compiled._orig_mod), or train the compiled model without Sentinel")
+def _compiled_modules(model: nn.Module) -> list[str]:
+    """Names of the modules compiled with ``torch.compile(module)`` or ``module.compile()``."""
+    return [name or "the model" for name, m in model.named_modules()
+            if getattr(m, "_compiled_call_impl", None) is not None
+            or "_orig_mod" in m._modules]
 
 
 def _remember(table: dict[int, weakref.ref[torch.UntypedStorage]], t: torch.Tensor) -> None:

@@ -240,6 +240,10 @@ class Tracer:
         """Index of the next op to be recorded: the clock for events between ops."""
         return len(self._ops)
 
+    def at_next_op(self, fn: Callable[[int], None]) -> None:
+        """Call ``fn`` with the index of the next op (a runtime's clock event)."""
+        fn(len(self._ops))
+
     def mark_optimizer_chunk(self) -> None:
         """A runtime streaming the optimizer starts a chunk of parameters at the next op
         (``meta["optimizer_chunks"]``: the planner cuts the optimizer phase there)."""
@@ -597,29 +601,7 @@ class Tracer:
     # -- result --------------------------------------------------------------------------------
 
     def _build(self) -> Trace:
-        storages = []
-        for sid, s in enumerate(self._storages):
-            if s.kind is not None:
-                kind = s.kind
-            elif s.saved:
-                kind = Kind.SAVED_ACTIVATION
-            elif s.created_at is None or s.before_forward:
-                kind = Kind.INPUT
-            else:
-                kind = Kind.TEMPORARY
-            storages.append(
-                StorageRecord(
-                    id=sid,
-                    nbytes=s.nbytes,
-                    dtype=s.dtype,
-                    device=s.device,
-                    kind=kind,
-                    created_at=s.created_at,
-                    freed_at=s.freed_at,
-                    saved=s.saved,
-                    name=s.name,
-                )
-            )
+        storages = storage_records(self._storages)
         layers = tuple(
             LayerRecord(i, name, module_type)
             for i, (name, module_type) in enumerate(self._layer_names)
@@ -631,4 +613,23 @@ class Tracer:
         }
         if self._chunk_ops:
             meta["optimizer_chunks"] = list(self._chunk_ops)
-        return Trace(tuple(self._ops), tuple(storages), layers, meta)
+        return Trace(tuple(self._ops), storages, layers, meta)
+
+
+def storage_records(storages: Iterable[_Storage]) -> tuple[StorageRecord, ...]:
+    """The records of a step's storages; a storage nothing named is saved for backward, an
+    input (there before the step, or the forward pass), or a temporary."""
+    out = []
+    for sid, s in enumerate(storages):
+        if s.kind is not None:
+            kind = s.kind
+        elif s.saved:
+            kind = Kind.SAVED_ACTIVATION
+        elif s.created_at is None or s.before_forward:
+            kind = Kind.INPUT
+        else:
+            kind = Kind.TEMPORARY
+        out.append(StorageRecord(id=sid, nbytes=s.nbytes, dtype=s.dtype, device=s.device,
+                                 kind=kind, created_at=s.created_at, freed_at=s.freed_at,
+                                 saved=s.saved, name=s.name))
+    return tuple(out)
