@@ -191,3 +191,69 @@ def test_profiling_leaves_compiled_code_compiled():
     assert regions == plain_regions >= 1
     assert_same(plain_losses, losses)  # the last step of each ran after close()
     assert_same(plain_params, params)
+
+
+def test_a_profiler_around_a_step_sentinel_profiles_is_refused_before_the_step_runs():
+    model = _compiled(_MLP(), "model.compile()", BACKEND)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sentinel = sh.Sentinel(model, opt, fast_memory="min", tiers="host")
+    x = torch.randn(64, 64)
+
+    def step() -> None:
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(2):  # warm-up
+        with sentinel.step():
+            step()
+    ran = []
+    with (torch.profiler.profile(),
+          pytest.raises(sh.SentinelError, match="profilers do not nest"),
+          sentinel.step()):
+        ran.append(1)
+    assert not ran and sentinel.stats()["phase"] == "profile"
+    with sentinel.step():  # without the profiler, the step is profiled
+        step()
+    assert sentinel.stats()["profiles"] == 1
+    sentinel.close()
+
+
+def test_hugging_face_gpt2_compiled_block_by_block():
+    """A model we did not write, compiled as its users compile it (each GPT2Block), dropout
+    on: bit for bit as the same compiled training without Sentinel."""
+    from .test_third_party_models import gpt2
+
+    def train(budget: str | None) -> tuple[list, dict, int]:
+        torch.manual_seed(0)
+        model, loss_of = gpt2()
+        for block in model.transformer.h:
+            block.compile(backend=BACKEND)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sentinel = sh.Sentinel(model, opt, fast_memory=budget, tiers="host", trials=0) \
+            if budget else None
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+
+        def step() -> None:
+            with sentinel.step() if sentinel else contextlib.nullcontext():
+                loss = loss_of(gen)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            losses.append(loss.detach())
+
+        for _ in range(8):
+            step()
+        regions = compiled_regions(step)
+        stats = sentinel.stats() if sentinel else {}
+        if sentinel is not None:
+            sentinel.close()
+        return losses + [p.detach().clone() for p in model.parameters()], stats, regions
+
+    expected, _, plain_regions = train(None)
+    ours, stats, regions = train("min")
+    assert stats["phase"] == "steady" and stats["bytes_to_slow_per_step"] > 0, stats
+    assert stats["budget_bytes"] < stats["all_fast_peak_bytes"]
+    assert regions == plain_regions >= 4
+    assert_same(expected, ours)

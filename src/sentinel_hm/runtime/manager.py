@@ -112,7 +112,7 @@ from sentinel_hm.runtime.schedule import Schedule, StepEvents
 from sentinel_hm.runtime.steady import SteadyStep
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.tiers import open_tiers
-from sentinel_hm.trace.allocation_tracer import AllocationTracer
+from sentinel_hm.trace.allocation_tracer import AllocationTracer, opaque_to_dynamo
 from sentinel_hm.trace.model import Kind, Phase, Trace
 from sentinel_hm.trace.sharded import (
     has_sharded_parameters,
@@ -298,6 +298,14 @@ class Sentinel:
         passes for gradient accumulation)."""
         start = time.perf_counter()
         phase = self._phase
+        if self._compiled and (phase in ("profile", "trial") or self._audit_next) \
+                and torch._C._autograd._profiler_enabled():
+            raise SentinelError(
+                "torch.profiler is running, and this step is one Sentinel must profile or audit: "
+                "for a compiled model it reads those steps from torch.profiler itself, and two "
+                "profilers do not nest (yours would lose its events). This step did not run: "
+                "run it without your profiler, and profile steady steps (once "
+                "sentinel.stats()['phase'] == 'steady', with no audit() pending)")
         if phase == "off":  # a budget that could not be held: plain steps (see close())
             yield
         elif phase == "warmup":
@@ -804,7 +812,7 @@ class Sentinel:
         # Nothing saved to manage (a budget that fits the step): no hooks, no cost, and
         # autograd keeps its own checks.
         hooked = bool(self.schedule.managed_saved or self.schedule.params)
-        hooks = (torch.autograd.graph.saved_tensors_hooks(run.pack, run.unpack)
+        hooks = (torch.autograd.graph.saved_tensors_hooks(*opaque_to_dynamo(run.pack, run.unpack))
                  if hooked else contextlib.nullcontext())
 
         def unhook() -> None:

@@ -44,7 +44,7 @@ from torch.profiler import profile as torch_profile
 
 from sentinel_hm.trace.model import Kind, LayerRecord, OpRecord, Phase, Trace
 from sentinel_hm.trace.sharded import local_tensor
-from sentinel_hm.trace.tracer import _Storage, storage_records
+from sentinel_hm.trace.tracer import StorageDraft, storage_records
 
 _MARK = "sentinel::"
 _GRAPH_CALL = "## Call CompiledFxGraph"
@@ -104,7 +104,7 @@ class AllocationTracer:
         self._wall_s = time.perf_counter()
         # read back at stop()
         self._ops: list[_Op] = []
-        self._storages: list[_Storage] = []
+        self._storages: list[StorageDraft] = []
         self._live: dict[int, int] = {}  # address -> storage id, while allocated
         self._layer_names: list[str] = []
         self._pack_layer: dict[int, int | None] = {}
@@ -137,7 +137,8 @@ class AllocationTracer:
         self._handles = [register_optimizer_step_pre_hook(opt_pre),
                          register_optimizer_step_post_hook(opt_post)]
         if self._track_saved:
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(*opaque_to_dynamo(
+                self._pack, self._unpack))
             self._hooks.__enter__()
 
     def stop(self) -> Trace:
@@ -314,7 +315,7 @@ class AllocationTracer:
         if size > 0:
             self._live[ptr] = len(self._storages)
             created = op if op is not None else len(self._ops)
-            self._storages.append(_Storage(nbytes=size, dtype="uint8", device=str(f.device),
+            self._storages.append(StorageDraft(nbytes=size, dtype="uint8", device=str(f.device),
                                            created_at=created, first_seen=created))
             if op is not None:
                 self._ops[op].outputs[self._live[ptr]] = None
@@ -331,7 +332,7 @@ class AllocationTracer:
         sid = self._live.get(ptr)
         if sid is None:
             sid = len(self._storages)
-            self._storages.append(_Storage(nbytes=nbytes, dtype=dtype, device=device,
+            self._storages.append(StorageDraft(nbytes=nbytes, dtype=dtype, device=device,
                                            created_at=None, before_forward=True))
             self._live[ptr] = sid
         elif self._storages[sid].created_at is None and nbytes > self._storages[sid].nbytes:
@@ -424,6 +425,13 @@ class AllocationTracer:
         if self._chunk_ops:
             meta["optimizer_chunks"] = list(self._chunk_ops)
         return Trace(ops, storage_records(self._storages), layers, meta)
+
+
+def opaque_to_dynamo(*hooks: Callable[..., Any]) -> tuple[Callable[..., Any], ...]:
+    """Hooks that run eagerly when called from compiled code: a saved-tensor hook runs inside
+    a compiled region's autograd function, where dynamo would compile its frame too (one more
+    region per call, graph breaks, and a recompilation whenever the hook's object changes)."""
+    return tuple(torch.compiler.disable(hook) for hook in hooks)
 
 
 def _has_ops(e: Any) -> bool:

@@ -68,8 +68,8 @@ def active_tracer() -> Tracer | None:
 
 
 @dataclass(slots=True)
-class _Storage:
-    """Mutable record of a storage while the step runs."""
+class StorageDraft:
+    """Mutable record of a storage while a tracer reads the step (both tracers)."""
 
     nbytes: int
     dtype: str
@@ -158,7 +158,7 @@ class Tracer:
         self._model = model
         self._optimizers: list[torch.optim.Optimizer] = [optimizer] if optimizer else []
         self._ops: list[OpRecord] = []
-        self._storages: list[_Storage] = []
+        self._storages: list[StorageDraft] = []
         self._live: dict[int, int] = {}  # StorageImpl address -> storage id, while alive
         self._finalizers: dict[int, weakref.finalize] = {}
         self._op_info: dict[Any, _OpInfo] = {}
@@ -407,7 +407,7 @@ class Tracer:
             return sid
         sid = len(self._storages)
         self._storages.append(
-            _Storage(
+            StorageDraft(
                 nbytes=storage.nbytes(),
                 dtype=str(t.dtype).removeprefix("torch."),
                 device=str(t.device),
@@ -616,7 +616,7 @@ class Tracer:
         return Trace(tuple(self._ops), storages, layers, meta)
 
 
-def storage_records(storages: Iterable[_Storage]) -> tuple[StorageRecord, ...]:
+def storage_records(storages: Iterable[StorageDraft]) -> tuple[StorageRecord, ...]:
     """The records of a step's storages; a storage nothing named is saved for backward, an
     input (there before the step, or the forward pass), or a temporary."""
     out = []
