@@ -4,8 +4,8 @@
 
 On CPUs the ranks talk over gloo; with one GPU per rank, over NCCL. FSDP2 shards the
 parameters, gradients and optimizer state; Sentinel moves each rank's saved activations
-and optimizer-state shards (NOTE [FSDP2] in sentinel_hm/trace/sharded.py), with a budget
-of its own per rank.
+and the local shards of parameters, gradients and optimizer state (NOTE [FSDP2] in
+sentinel_hm/trace/sharded.py), with a budget of its own per rank.
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ def main() -> None:
     print(f"rank {rank}: budget {stats['budget_bytes']:,} B of a "
           f"{stats['all_fast_peak_bytes']:,} B peak; measured peak "
           f"{stats['audited_peak_fast_bytes']:,} B; moved "
-          f"{stats['bytes_to_slow_per_step']:,} B out per step (saved activations and optimizer "
-          "state; FSDP2 keeps the sharded parameters and gradients)", flush=True)
+          f"{stats['bytes_to_slow_per_step']:,} B out per step", flush=True)
     sentinel.close()
     dist.destroy_process_group()
 

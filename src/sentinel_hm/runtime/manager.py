@@ -107,7 +107,7 @@ from sentinel_hm.runtime.chunked_optimizer import (
 )
 from sentinel_hm.runtime.mover import Mover
 from sentinel_hm.runtime.recompute import CheckpointedLayers
-from sentinel_hm.runtime.residency import HeldEntry
+from sentinel_hm.runtime.residency import HeldEntry, ResizedEntry
 from sentinel_hm.runtime.schedule import Schedule, StepEvents
 from sentinel_hm.runtime.steady import SteadyStep
 from sentinel_hm.sim.replay import SimResult, simulate
@@ -115,6 +115,7 @@ from sentinel_hm.tiers import open_tiers
 from sentinel_hm.trace.allocation_tracer import AllocationTracer, opaque_to_dynamo
 from sentinel_hm.trace.model import Kind, Phase, Trace
 from sentinel_hm.trace.sharded import (
+    GATHERED,
     has_sharded_parameters,
     is_sharded,
     local_tensor,
@@ -219,6 +220,8 @@ class Sentinel:
                 f"{self._compiled[0]} is compiled with torch.compile and its parameters are "
                 "sharded by FSDP2 (fully_shard): Sentinel does not run the two together yet; "
                 "give it the uncompiled model (compiled._orig_mod), or train without Sentinel")
+        if self._sharded:
+            _refuse_fsdp_offload(model)
         self.trials = trials
         if not isinstance(recompute, bool):
             raise SentinelError(f"recompute={recompute!r} is not a bool: give True (the plan may "
@@ -237,7 +240,7 @@ class Sentinel:
         self.plan: Plan | None = None
         self.schedule: Schedule | None = None
         self.prediction: SimResult | None = None
-        self._held: dict[int, HeldEntry] = {}
+        self._held: dict[int, HeldEntry | ResizedEntry] = {}
         # storages of parameters and buffers: address -> the storage (weakly: an address is
         # reused once a storage dies)
         self._never_copied: dict[int, weakref.ref[torch.UntypedStorage]] = {}
@@ -245,6 +248,7 @@ class Sentinel:
         self._moving_params: dict[int, tuple[weakref.ref[torch.UntypedStorage], int,
                                              torch.Tensor]] = {}
         self._param_sid: dict[int, int] = {}  # id(parameter) -> its trace storage, if moved
+        self._shard_sid: dict[int, int] = {}  # NOTE [FSDP2]: the same, for a moving shard
         self._chunk_sids: list[list[int]] = []
         self._named = dict(model.named_parameters())  # the names the tracer gives them
         # NOTE [Chunked optimizer step]: the update streams chunk by chunk when it can
@@ -252,12 +256,12 @@ class Sentinel:
         if self._sharded:  # NOTE [FSDP2]
             warnings.warn(
                 "sentinel: the parameters are sharded DTensors (FSDP2's fully_shard): Sentinel "
-                "moves saved activations and the optimizer state's local shards (whole, before "
-                "and after optimizer.step()); the parameter shards and their gradients stay "
+                "moves saved activations and the local shards of parameters, gradients and "
+                "optimizer state; the parameters FSDP2 gathers for a running module stay "
                 "where FSDP2 keeps them", stacklevel=2)
         elif reason is not None:
             warn_unstreamed(reason)
-        self._chunks = param_chunks(model, optimizer) if reason is None and not self._sharded \
+        self._chunks = param_chunks(model, optimizer) if reason is None \
             else None
         self._closure_seen = False
         self._audited_peaks: list[int] = []  # a plan measured at m fits a budget of m
@@ -405,13 +409,16 @@ class Sentinel:
         self._held_late, self._held_tried = {}, set()
         hw = self._calibrated(trace)
         movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
-        if self._sharded:  # NOTE [FSDP2]: FSDP2 owns the parameters and their gradients
-            movable = frozenset({Kind.SAVED_ACTIVATION, Kind.OPTIMIZER_STATE})
+        fixed: frozenset[int] = frozenset()
+        if self._sharded:  # NOTE [FSDP2]: the parameters FSDP2 gathers are its own
+            fixed = frozenset(s.id for s in trace.storages if s.kind is Kind.PARAMETER
+                              and (s.name or "").endswith(GATHERED))
         if self._compiled:  # NOTE [Tracing compiled code]: a graph's reads are not seen
             movable -= {Kind.PARAMETER}
         streamed = "optimizer_chunks" in trace.meta
-        self._ctx = context(trace, hw, movable=movable, stream_optimizer=streamed,
-                            clock=events.clock(trace), device=str(self._device))
+        self._ctx = dataclasses.replace(
+            context(trace, hw, movable=movable, stream_optimizer=streamed,
+                    clock=events.clock(trace), device=str(self._device)), fixed=fixed)
         if not self._checkpointed:  # the program as written: budgets are shares of its peak
             self._peak = trace.peak_bytes
         peak = self._program_peak
@@ -685,31 +692,45 @@ class Sentinel:
         self._held = {}
         self._moving_params = {}
         self._param_sid = {}
-        owner: dict[int, int] = {}  # held trace storage -> id() of its parameter
+        self._shard_sid = {}
+        owners: dict[int, set[int]] = {}  # held trace storage -> id() of its parameters
+        groups = _fsdp_groups(self.model) if self._sharded else {}
         for sid, (index, key) in schedule.states.items():
             state = self.optimizer.state[params[index]]
             get, put = ((partial(_local_of, state, key), partial(_put_local, state, key))
                         if is_sharded(state.get(key)) else
                         (partial(state.get, key), partial(state.__setitem__, key)))
             self._held[sid] = HeldEntry(sid, get, put, self._slot(sid))
-            owner[sid] = id(params[index])
+            owners[sid] = {id(params[index])}
         for sid, name in schedule.grads.items():
             param = named[name]
-            self._held[sid] = HeldEntry(sid, partial(getattr, param, "grad"),
-                                        partial(setattr, param, "grad"), self._slot(sid))
-            owner[sid] = id(param)
+            owners[sid] = {id(param)}
+            if self._sharded:  # NOTE [FSDP2]: a group's gradients share one storage
+                self._held[sid] = ResizedEntry(sid, partial(_local_grad, param),
+                                               self._slot(sid))
+                owners[sid] = groups.get(id(param), owners[sid])
+            else:
+                self._held[sid] = HeldEntry(sid, partial(getattr, param, "grad"),
+                                            partial(setattr, param, "grad"), self._slot(sid))
         for sid, name in schedule.params.items():  # NOTE [Parameter saves]
             param = named[name]
+            owners[sid] = {id(param)}
+            if self._sharded:  # NOTE [FSDP2]: a shard moves in place
+                self._held[sid] = ResizedEntry(sid, partial(local_tensor, param),
+                                               self._slot(sid))
+                self._shard_sid[id(param)] = sid
+                continue
             self._held[sid] = HeldEntry(sid, partial(_same, param),
                                         partial(self._swap_param, param, sid), self._slot(sid))
             self._param_sid[id(param)] = sid
-            owner[sid] = id(param)
             self._track_param(param, sid)
         self._chunk_sids = [
-            [sid for sid, p in owner.items() if p in members]
+            [sid for sid, ps in owners.items() if ps & members]
             for members in ({id(p) for p in chunk} for chunk in self._chunks or ())
         ]
         for sid in schedule.start_slow & set(self._held):
+            if isinstance(self._held[sid], ResizedEntry):
+                continue  # back at every step's end, out at the next one's start
             self._held[sid].evict(self.mover, self.tiers)
             self._held[sid].commit(self.mover)
         self.mover.drain()
@@ -769,6 +790,54 @@ class Sentinel:
         return [m.register_forward_pre_hook(gathered) for m in self.model.modules()
                 if m._parameters]
 
+    def _fsdp_guards(self, run: SteadyStep) -> list[Any]:
+        """NOTE [FSDP2]: FSDP2 reads a group's shards when it gathers them, and its gradients
+        when it accumulates into them (after a second backward pass) or when backward ends (a
+        clip of the gradients may follow): moved in place, they are complete in fast memory
+        first. FSDP2 calls these methods on its objects, so a wrapper set on the object sees
+        every call; removing it leaves FSDP2 as it was."""
+        if not self._shard_sid and not (self._sharded and self.schedule
+                                        and self.schedule.grads):
+            return []
+        from torch.distributed.fsdp import FSDPModule
+
+        assert self.schedule is not None
+        grad_sid = {id(self._named[name]): sid for sid, name in self.schedule.grads.items()}
+        undo: list[Any] = []
+
+        def wrap(obj: Any, method: str, before: Callable[[], None],
+                 after: Callable[[], None] | None = None) -> None:
+            original = getattr(obj, method)
+
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                before()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    if after is not None:
+                        after()
+
+            setattr(obj, method, guarded)
+            undo.append(_Unwrap(obj, method))
+
+        for module in self.model.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            state = module._get_fsdp_state()
+            for group in state._fsdp_param_groups:
+                params = [id(fp.sharded_param) for fp in group.fsdp_params]
+                shards = [self._shard_sid[p] for p in params if p in self._shard_sid]
+                grads = [grad_sid[p] for p in params if p in grad_sid]
+                if shards:
+                    wrap(group, "unshard", partial(run.module_pre_forward, shards))
+                if grads:
+                    wrap(group, "post_backward", partial(run.hold, grads),
+                         partial(run.let_go, grads))
+            if module is self.model and grad_sid:
+                wrap(state, "_root_post_backward_final_callback", _nothing_now,
+                     run.restore_resized)  # after: it may run groups' post_backward
+        return undo
+
     def _steady_step(self) -> Iterator[None]:
         assert self.schedule is not None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -799,7 +868,7 @@ class Sentinel:
             if arena is not None:
                 tracer.tag_external(arena, ARENA_NAME)
         handles = [*self._grad_hooks(run.grad_ready), *self._fetch_hooks(run),
-                   *self._gathered_hooks(never_copied)]
+                   *self._gathered_hooks(never_copied), *self._fsdp_guards(run)]
         chunked = None
         if self._chunks is not None and self.schedule.chunk_ops:
             chunked = ChunkedStep(self.optimizer, self._chunks, run.before_chunk, _nothing,
@@ -821,6 +890,7 @@ class Sentinel:
             if chunked is not None:
                 chunked.remove()
 
+        run.start()
         try:
             with hooks:
                 yield
@@ -875,8 +945,61 @@ class Sentinel:
             self._param_sid = {}
 
 
+@dataclass
+class _Unwrap:
+    """Removes a wrapper set on an object (`Sentinel._fsdp_guards`), as a hook handle does."""
+
+    obj: Any
+    method: str
+
+    def remove(self) -> None:
+        self.obj.__dict__.pop(self.method, None)
+
+
+def _nothing_now() -> None:
+    pass
+
+
 def _nothing(_: int) -> None:
     pass
+
+
+def _refuse_fsdp_offload(model: nn.Module) -> None:
+    """NOTE [FSDP2]: with its CPUOffloadPolicy, FSDP2 keeps the shards, their gradients and
+    the optimizer state in host memory and updates them there itself; refused before
+    anything runs."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule) and any(
+                fp.offload_to_cpu for group in module._get_fsdp_state()._fsdp_param_groups
+                for fp in group.fsdp_params):
+            raise SentinelError(
+                f"{name or 'the model'} is sharded by fully_shard with a CPUOffloadPolicy: "
+                "FSDP2 then keeps the parameter shards, their gradients and the optimizer "
+                "state in host memory and updates them there itself, the tensors Sentinel "
+                "would move. Give fully_shard no offload_policy and let Sentinel move them "
+                "ahead of need, or train with FSDP2's offloading and without Sentinel")
+
+
+def _fsdp_groups(model: nn.Module) -> dict[int, set[int]]:
+    """NOTE [FSDP2]: id() of each sharded parameter -> id() of every parameter of its FSDP2
+    group (their gradients are views of one reduce-scatter output)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out: dict[int, set[int]] = {}
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            for group in module._get_fsdp_state()._fsdp_param_groups:
+                members = {id(fp.sharded_param) for fp in group.fsdp_params}
+                out.update(dict.fromkeys(members, members))
+    return out
+
+
+def _local_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """NOTE [FSDP2]: a sharded parameter's gradient, by its local shard (a view of its
+    group's reduce-scatter output)."""
+    return None if param.grad is None else local_tensor(param.grad)
 
 
 def _local_of(state: dict[str, Any], key: str) -> torch.Tensor | None:

@@ -235,3 +235,77 @@ class HeldEntry:
         """Back in fast memory now (before the optimizer uses it, or on exit)."""
         self.prefetch(mover, tiers)
         self.commit(mover)
+
+
+@dataclass(eq=False)
+class ResizedEntry:
+    """A storage the program reaches through views it keeps (FSDP2's parameter shards, a
+    group's reduce-scattered gradients): it moves in place (NOTE [FSDP2]). Its bytes are
+    copied to the slot and the storage is resized to nothing; coming back, it is resized
+    and filled. Every view of it stays valid, as FSDP2 frees its gathered parameters.
+
+    ``get`` returns a tensor over the storage (None while there is none: no gradient yet).
+    An eviction frees the bytes when its copy is done (`commit`), and only if the tensor was
+    not written meanwhile; a prefetch's storage holds no valid bytes until its copy is done,
+    so every reader waits for it first (`commit`, or `restore`)."""
+
+    sid: int
+    get: Callable[[], torch.Tensor | None]
+    slot: torch.Tensor
+    future: Completion | None = None
+    # the eviction in flight: (its storage, the tensor over it, the tensor's version then)
+    _pending: tuple[torch.UntypedStorage, torch.Tensor, int] | None = None
+    # while the program is still making views of it (FSDP2 handing out a group's gradients
+    # one by one), an eviction waits for `release`
+    _busy: bool = False
+    _deferred: bool = False
+
+    def busy(self) -> None:
+        self._busy = True
+
+    def release(self, mover: Mover, tiers: Tiers) -> None:
+        self._busy = False
+        if self._deferred:
+            self._deferred = False
+            self.evict(mover, tiers)
+
+    def _storage(self) -> torch.UntypedStorage | None:
+        t = self.get()
+        return None if t is None else t.untyped_storage()
+
+    def commit(self, mover: Mover) -> None:
+        """The copy in flight is done; an eviction's fast bytes are freed."""
+        if self.future is not None:
+            mover.wait(self.future)
+        if self._pending is None:
+            return
+        storage, t, version = self._pending
+        self._pending = None
+        if t._version == version and storage.nbytes() == self.slot.numel():
+            storage.resize_(0)
+
+    def evict(self, mover: Mover, tiers: Tiers) -> None:
+        if self._busy:
+            self._deferred = True
+            return
+        self.commit(mover)
+        t = self.get()
+        if t is None or t.untyped_storage().nbytes() != self.slot.numel():
+            return  # nothing to move, or not the storage the plan knows
+        storage = t.untyped_storage()
+        self._pending = (storage, t, t._version)
+        self.future = mover.submit(Tier.SLOW, self.slot, _bytes_of(storage), after=self.future)
+
+    def prefetch(self, mover: Mover, tiers: Tiers) -> None:
+        self._deferred = False
+        self.commit(mover)
+        storage = self._storage()
+        if storage is None or storage.nbytes() != 0:
+            return  # fast already
+        storage.resize_(self.slot.numel())
+        self.future = mover.submit(Tier.FAST, _bytes_of(storage), self.slot, after=self.future)
+
+    def restore(self, mover: Mover, tiers: Tiers) -> None:
+        """Back in fast memory, its bytes complete (before anything reads it)."""
+        self.prefetch(mover, tiers)
+        self.commit(mover)

@@ -14,7 +14,7 @@ from sentinel_hm.core.hardware import Access
 from sentinel_hm.core.plan import Tier
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.runtime.mover import Mover
-from sentinel_hm.runtime.residency import Handle, HeldEntry, SavedEntry
+from sentinel_hm.runtime.residency import Handle, HeldEntry, ResizedEntry, SavedEntry
 from sentinel_hm.runtime.schedule import Schedule
 from sentinel_hm.tiers.base import Tiers
 
@@ -78,7 +78,7 @@ class SteadyStep:
         schedule: Schedule,
         tiers: Tiers,
         mover: Mover,
-        held: dict[int, HeldEntry],
+        held: dict[int, HeldEntry | ResizedEntry],
         never_copied: dict[int, weakref.ref[torch.UntypedStorage]],
         moving_params: dict[int, tuple[weakref.ref[torch.UntypedStorage], int, torch.Tensor]],
         chunk_sids: list[list[int]],
@@ -106,7 +106,7 @@ class SteadyStep:
         self.packed = 0
         self.next_move = 0
         self.mismatch: str | None = None
-        self.in_flight: list[HeldEntry] = []  # held moves to commit (NOTE [Held-tensor swaps])
+        self.in_flight: list[HeldEntry | ResizedEntry] = []  # held moves to commit (NOTE [Held-tensor swaps])
         self.clock = 0  # the op of the last event (NOTE [Runtime clock])
         # NOTE [Held by the program]: an audited step watches each evicted activation's fast
         # storage; one that outlives the event of its eviction was held by the program too
@@ -260,12 +260,43 @@ class SteadyStep:
         if held is None:
             return
         held.commit(self.mover)
-        if self.tiers.access is Access.MIGRATE:
+        if self.tiers.access is Access.MIGRATE or isinstance(held, ResizedEntry):
             held.restore(self.mover, self.tiers)
 
     def module_pre_forward(self, sids: list[int]) -> None:
         for sid in sids:
             self.need(sid)
+
+    def start(self) -> None:
+        """The step begins: what moves in place and starts in the slow tier leaves now (it
+        came back at the last step's end)."""
+        for sid in self.schedule.start_slow:
+            held = self.held.get(sid)
+            if isinstance(held, ResizedEntry):
+                held.evict(self.mover, self.tiers)
+                self.in_flight.append(held)
+
+    def hold(self, sids: list[int]) -> None:
+        """NOTE [FSDP2]: the program makes views of these storages until `let_go`: they
+        come back now if they left, and stay until then."""
+        for sid in sids:
+            self.need(sid)
+            held = self.held.get(sid)
+            if isinstance(held, ResizedEntry):
+                held.busy()
+
+    def let_go(self, sids: list[int]) -> None:
+        for sid in sids:
+            held = self.held.get(sid)
+            if isinstance(held, ResizedEntry):
+                held.release(self.mover, self.tiers)
+                self.in_flight.append(held)
+
+    def restore_resized(self) -> None:
+        """Everything that moves in place back in fast memory, its bytes complete."""
+        for held in self.held.values():
+            if isinstance(held, ResizedEntry):
+                held.restore(self.mover, self.tiers)
 
     # -- gradient and optimizer hooks ----------------------------------------------------------
 
@@ -293,8 +324,8 @@ class SteadyStep:
         if self.schedule.optimizer_op is not None:
             self.advance(self.schedule.optimizer_op)
         self._commit(block=True)  # no swap may race the optimizer's writes
-        if self.tiers.access is Access.MIGRATE:  # the optimizer may only touch fast memory
-            for held in self.held.values():
+        for held in self.held.values():  # the optimizer may only touch fast memory
+            if self.tiers.access is Access.MIGRATE or isinstance(held, ResizedEntry):
                 held.restore(self.mover, self.tiers)
 
     def after_optimizer(self) -> None:
@@ -306,6 +337,7 @@ class SteadyStep:
         saved-tensor hooks were installed to see it)."""
         self.advance(self.schedule.n_ops)
         self._commit(block=True)
+        self.restore_resized()  # NOTE [FSDP2]: the program reads shards between steps
         self.mover.drain()  # nothing of this step stays in flight into the next
         if hooked and self.mismatch is None and self.packed != len(self.schedule.saved_order):
             self.mismatched(f"autograd saved {self.packed} tensors, the profiled step "

@@ -10,16 +10,31 @@ forward and backward, and registers a gathered, unsharded parameter on the
 module while the module runs. The gathered parameter's storage is allocated
 and freed by resizing it (``UntypedStorage.resize_``), which no dispatch mode
 sees: the tracer polls those storages before each op (a resize to zero frees
-them, a resize back is a new storage). FSDP2 owns them, as it owns the shards
-and their gradients: a runtime moves none of them. It moves the saved
-activations and the optimizer state's local shards (a state DTensor is rebuilt
-over its shard's new place, `with_local`); the update then runs unstreamed.
+them, a resize back is a new storage). FSDP2 owns them: a runtime moves none
+of them. It moves the saved activations, the optimizer state's local shards (a
+state DTensor is rebuilt over its shard's new place, `with_local`), and the
+parameter shards and gradients in place (`ResizedEntry`): FSDP2 keeps views of
+a shard (``_sharded_param_data``, the DTensor's local tensor), and a group's
+gradients are views of one reduce-scatter output, so their storage is copied
+out and resized to nothing, and resized and filled when it comes back. The
+runtime wraps, on FSDP2's own objects and for one step, the methods that read
+them: a group's ``unshard`` (the all-gather reads the shards; they come back
+first), its ``post_backward`` (it adds a second micro-batch's gradients into
+the kept ones, and hands out views one by one: nothing leaves meanwhile) and
+the root's end-of-backward callback (everything comes back for a gradient clip
+or the update, which streams chunk by chunk). Between steps every shard and
+gradient is back in fast memory. A read by other code of a storage resized to
+nothing would fail (or crash in a kernel): the wrapped methods are the reads
+FSDP2 makes. ``CPUOffloadPolicy`` is refused: FSDP2 then moves these tensors
+itself.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+GATHERED = " (gathered)"  # the suffix of a gathered parameter's storage name in a trace
 
 try:
     from torch.distributed.tensor import DTensor

@@ -58,7 +58,7 @@ from torch.utils.flop_counter import flop_registry
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.trace.layers import find_layers
 from sentinel_hm.trace.model import Kind, LayerRecord, OpRecord, Phase, StorageRecord, Trace
-from sentinel_hm.trace.sharded import has_sharded_parameters, local_tensor
+from sentinel_hm.trace.sharded import GATHERED, has_sharded_parameters, local_tensor
 
 _ACTIVE: Tracer | None = None
 
@@ -432,7 +432,7 @@ class Tracer:
             if p is None or id(p) in self._watched_params:
                 continue
             self._watched_params.add(id(p))
-            name = f"{self._module_names.get(module, '?')}.{pname} (gathered)"
+            name = f"{self._module_names.get(module, '?')}.{pname}{GATHERED}"
             key = local_tensor(p).untyped_storage()._cdata
             self._watched[key] = (weakref.ref(p), name)
             self._poll_watched()
