@@ -64,7 +64,7 @@ def _compiled(model: _MLP, how: str, backend: str) -> nn.Module:
     return model
 
 
-def _train(build, budget: str | None, steps: int = 9) -> tuple[list, list, dict, int]:
+def _train_built(build, budget: str | None, steps: int = 9) -> tuple[list, list, dict, int]:
     """Compiled training of ``build()`` = (model, what to call, loss of a batch drawn from a
     generator), under Sentinel at ``budget``; returns the losses, the parameters, Sentinel's
     stats and the compiled regions entered by the last step (a steady one)."""
@@ -104,7 +104,7 @@ def _train_compiled(how: str, budget: str | None, backend: str = BACKEND, steps:
         return model, compiled, lambda gen: compiled(
             torch.randn(2048, 64, generator=gen)).square().mean()
 
-    return _train(build, budget, steps)
+    return _train_built(build, budget, steps)
 
 
 # A whole compiled model saves its activations at the end of its forward and unpacks them all
@@ -241,8 +241,8 @@ def test_hugging_face_gpt2_compiled_block_by_block():
             block.compile(backend=BACKEND)
         return model, model, loss_of
 
-    plain_losses, plain_params, _, plain_regions = _train(build, None)
-    losses, params, stats, regions = _train(build, "min")
+    plain_losses, plain_params, _, plain_regions = _train_built(build, None)
+    losses, params, stats, regions = _train_built(build, "min")
     assert stats["phase"] == "steady" and stats["bytes_to_slow_per_step"] > 0, stats
     assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"] \
         < stats["all_fast_peak_bytes"]
