@@ -34,7 +34,8 @@ eagerly ever after. The tracer runs its step under
 eagerly without asking dynamo (so nothing is marked), and restores the
 program's stance when it stops: compiled code runs compiled again afterwards.
 The trace is then that of the eager program, which saves other tensors than
-the compiled one (a runtime refuses compiled models for that reason).
+the compiled one: a runtime traces compiled models with the allocation tracer
+instead (NOTE [Tracing compiled code]).
 """
 
 from __future__ import annotations
