@@ -74,7 +74,8 @@ def test_a_recomputed_layer_holds_nothing_of_its_own_between_forward_and_backwar
     for index, layer in layers.items():
         rewritten = with_recomputed_layers(trace, [index])
         assert _lives(rewritten)
-        rerun = layer.last_op - layer.forward[0] + 1
+        (one,) = layer.passes  # one forward and one backward instance each
+        rerun = one.last_op - one.forward[0] + 1
         assert len(rewritten.ops) == len(trace.ops) + rerun
         assert [op.index for op in rewritten.ops] == list(range(len(rewritten.ops)))
         # between the end of the forward pass and the rerun, the layer's saved bytes are gone
@@ -85,7 +86,7 @@ def test_a_recomputed_layer_holds_nothing_of_its_own_between_forward_and_backwar
         extra = sum(op.duration_s for op in rewritten.ops) - sum(op.duration_s
                                                                   for op in trace.ops)
         assert extra == pytest.approx(sum(op.duration_s for op in
-                                          trace.ops[layer.forward[0]: layer.last_op + 1]))
+                                          trace.ops[one.forward[0]: one.last_op + 1]))
     everything = with_recomputed_layers(trace, layers)
     assert _lives(everything) and everything.meta["recomputed_layers"] == sorted(layers)
 
@@ -198,3 +199,37 @@ def test_a_version_2_plan_file_still_loads_as_whole_layer_recompute(tmp_path):
     del data["recompute_keeps"]
     path.write_text(json.dumps(data))
     assert load_plan(path) == plan
+
+
+def test_each_micro_batch_of_a_recomputed_layer_reruns():
+    """Gradient accumulation: a checkpointed module reruns in every micro-batch, so a layer
+    whose passes alternate forward and backward is recomputable in each, and the rewritten
+    trace reruns its forward before each of its backward instances."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
+                            for _ in range(3)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step() -> None:
+        for _ in range(2):
+            model(torch.randn(64, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    trace = sh.profile(step, model=model, optimizer=opt)
+    layers = recomputable_layers(trace)
+    assert layers and all(len(layer.passes) == 2 for layer in layers.values())
+    index, layer = next(iter(layers.items()))
+    rewritten = with_recomputed_layers(trace, [index])
+    rerun = sum(one.last_op - one.forward[0] + 1 for one in layer.passes)
+    assert len(rewritten.ops) == len(trace.ops) + rerun
+    assert _lives(rewritten)
+    # nothing of the layer's own stays saved from a forward pass to its backward
+    first = layer.passes[0]
+    dropped = sum(trace.storages[sid].nbytes for sid in first.saved)
+    assert rewritten.live_bytes[first.forward[1] + 1] <= trace.live_bytes[first.forward[1] + 1] \
+        - dropped

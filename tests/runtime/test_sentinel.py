@@ -46,8 +46,10 @@ def train(name: str, fast_memory: str | None, accumulate: int = 1, autocast: boo
             grads = [p.grad.clone() for p in wl.model.parameters() if p.grad is not None]
             wl.optimizer.step()
             wl.optimizer.zero_grad()
-    params = [p.detach().clone() for p in wl.model.parameters()] + grads
-    return losses, params, sentinel
+    # buffers too: batch norm's running statistics must be updated once a step, as without
+    # Sentinel, also when a layer is recomputed
+    params = [t.detach().clone() for t in (*wl.model.parameters(), *wl.model.buffers())]
+    return losses, params + grads, sentinel
 
 
 def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:

@@ -149,7 +149,7 @@ def summarize_plan(setup: Setup, plan: Plan, result: SimResult) -> str:
         for i in plan.recompute:
             layer = ctx.recomputable[i]
             dropped = sum(ctx.trace.storages[sid].nbytes for sid in layer.saved)
-            rerun = sum(ctx.cost.base_s[layer.forward[0] : layer.last_op + 1])
+            rerun = layer.rerun_s(ctx.cost.base_s)
             parts.append(f"{ctx.trace.layers[i].name} ({format_bytes(dropped)} saved, rerun "
                          f"{format_ms(rerun)})")
         lines.append("recomputed layers (their forward reruns before their backward): "

@@ -13,9 +13,11 @@ their own:
   the saved ones live until their last use in L's backward (which now reads
   them), the others die after their last use in the recomputation.
 Storages L creates that others use (its output, read by the next layer) are
-left as they are. A layer qualifies when it has one forward and one backward
-instance and saves something of its own; its inputs are still saved (by the
-layer before, or by checkpoint itself), so they need no change.
+left as they are. A layer qualifies when each of its forward instances is
+followed by its backward (one pass, or one per micro-batch with gradient
+accumulation: the checkpointed module reruns in each) and each pass saves
+something of its own; its inputs are still saved (by the layer before, or by
+checkpoint itself), so they need no change.
 
 Selective recomputation (``keeps``: op names, as PyTorch's selective
 activation checkpointing saves the outputs of the ops its policy names): the
@@ -28,7 +30,7 @@ dropout, softmax) are rebuilt.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from sentinel_hm.trace.model import Kind, Phase, Trace
@@ -46,16 +48,36 @@ MATMUL_OPS = frozenset({
 
 
 @dataclass(frozen=True)
-class RecomputableLayer:
+class LayerPass:
+    """One forward pass of a layer and its backward (one micro-batch's)."""
+
     forward: tuple[int, int]  # first, last op
     backward: tuple[int, int]
-    own: frozenset[int]  # storages created in forward, used only by the layer's instances
+    own: frozenset[int]  # storages created in forward, used only by this pass's instances
     saved: frozenset[int]  # of those, the ones saved for backward
     last_op: int  # the last forward op the recomputation reruns
 
 
+@dataclass(frozen=True)
+class RecomputableLayer:
+    """A layer whose every pass (one per micro-batch) can be recomputed: a checkpointed
+    module reruns in each."""
+
+    passes: tuple[LayerPass, ...]
+
+    @property
+    def saved(self) -> frozenset[int]:
+        return frozenset().union(*(p.saved for p in self.passes))
+
+    def rerun_s(self, base_s: Sequence[float]) -> float:
+        """Seconds of the forward ops the recomputation reruns, over every pass."""
+        return sum(sum(base_s[p.forward[0] : p.last_op + 1]) for p in self.passes)
+
+
 def recomputable_layers(trace: Trace) -> dict[int, RecomputableLayer]:
-    """The layers a recomputation can drop saved bytes from (NOTE [Recompute as a trace])."""
+    """The layers a recomputation can drop saved bytes from (NOTE [Recompute as a trace]):
+    each forward instance followed by its backward (several with gradient accumulation),
+    and each pass saving something of its own."""
     instances: dict[int, list[tuple[Phase, int, int]]] = {}
     for seg in trace.segments:
         if seg.layer is not None and seg.phase in (Phase.FORWARD, Phase.BACKWARD):
@@ -64,22 +86,27 @@ def recomputable_layers(trace: Trace) -> dict[int, RecomputableLayer]:
     accesses = trace.accesses
     for layer, segs in instances.items():
         phases = [phase for phase, _, _ in segs]
-        if phases != [Phase.FORWARD, Phase.BACKWARD]:
+        if not phases or phases != [Phase.FORWARD, Phase.BACKWARD] * (len(phases) // 2):
             continue
-        (_, f0, f1), (_, b0, b1) = segs
-        own = set()
-        for s in trace.storages:
-            if s.created_at is None or not f0 <= s.created_at <= f1:
-                continue
-            reads, writes = accesses[s.id]
-            if all(f0 <= op <= f1 or b0 <= op <= b1 for op in (*reads, *writes)) and (
-                    s.freed_at is not None and s.freed_at <= b1):
-                own.add(s.id)
-        saved = frozenset(sid for sid in own if trace.storages[sid].kind is Kind.SAVED_ACTIVATION
-                          and any(b0 <= op <= b1 for op in accesses[sid][0]))
-        if saved:
+        passes = []
+        for (_, f0, f1), (_, b0, b1) in zip(segs[::2], segs[1::2], strict=True):
+            own = set()
+            for s in trace.storages:
+                if s.created_at is None or not f0 <= s.created_at <= f1:
+                    continue
+                reads, writes = accesses[s.id]
+                if all(f0 <= op <= f1 or b0 <= op <= b1 for op in (*reads, *writes)) and (
+                        s.freed_at is not None and s.freed_at <= b1):
+                    own.add(s.id)
+            saved = frozenset(sid for sid in own
+                              if trace.storages[sid].kind is Kind.SAVED_ACTIVATION
+                              and any(b0 <= op <= b1 for op in accesses[sid][0]))
+            if not saved:
+                break
             last = max(trace.storages[sid].created_at or f0 for sid in saved)
-            out[layer] = RecomputableLayer((f0, f1), (b0, b1), frozenset(own), saved, last)
+            passes.append(LayerPass((f0, f1), (b0, b1), frozenset(own), saved, last))
+        else:
+            out[layer] = RecomputableLayer(tuple(passes))
     return out
 
 
@@ -93,29 +120,30 @@ def with_recomputed_layers(trace: Trace, layers: Iterable[int],
     storages = {s.id: s for s in trace.storages}
     accesses = trace.accesses
     next_id = max(storages, default=-1) + 1
-    plans = []  # (layer, forward ops that rerun, saved storages dropped), in layer order
+    plans = []  # (layer, pass, forward ops that rerun, saved storages dropped, own storages)
     for i in sorted(set(layers)):
         layer = candidates.get(i)
         if layer is None:
             continue
-        f0 = layer.forward[0]
-        kept = {o for op in ops[f0 : layer.last_op + 1] if op.name in kept_names
-                for o in op.outputs}
-        dropped = layer.saved - kept
-        if not dropped:  # every save is kept: nothing to rebuild
-            continue
-        last = max(storages[sid].created_at or f0 for sid in dropped)
-        rerun_at = [k for k in range(f0, last + 1) if ops[k].name not in kept_names]
-        plans.append((i, layer, rerun_at, dropped, layer.own - (layer.saved & kept)))
+        for one in layer.passes:
+            f0 = one.forward[0]
+            kept = {o for op in ops[f0 : one.last_op + 1] if op.name in kept_names
+                    for o in op.outputs}
+            dropped = one.saved - kept
+            if not dropped:  # every save is kept: nothing to rebuild
+                continue
+            last = max(storages[sid].created_at or f0 for sid in dropped)
+            rerun_at = [k for k in range(f0, last + 1) if ops[k].name not in kept_names]
+            plans.append((i, one, rerun_at, dropped, one.own - (one.saved & kept)))
     if not plans:
         return trace
-    wanted = [i for i, *_ in plans]
+    wanted = sorted({i for i, *_ in plans})
     inserted: list[tuple[int, int]] = []  # (backward op, ops inserted there)
     # Latest backward first: an insertion moves only ops after it, so the layers still to
     # do keep their indices.
-    for _, layer, rerun_at, dropped, own in sorted(plans, key=lambda p: -p[1].backward[0]):
-        f0, f1 = layer.forward
-        b0, b1 = layer.backward
+    for _, one, rerun_at, dropped, own in sorted(plans, key=lambda p: -p[1].backward[0]):
+        f0, f1 = one.forward
+        b0, b1 = one.backward
         rerun = [ops[k] for k in rerun_at]
         m = len(rerun)
         inserted.append((b0, m))

@@ -317,7 +317,7 @@ def _recompute_sets(ctx: Context) -> list[tuple[int, ...]]:
 
     def worth(layer: RecomputableLayer) -> float:
         dropped = sum(ctx.trace.storages[sid].nbytes for sid in layer.saved)
-        return dropped / max(sum(base[layer.forward[0] : layer.last_op + 1]), 1e-12)
+        return dropped / max(layer.rerun_s(base), 1e-12)
 
     order = sorted(layers, key=lambda i: worth(layers[i]), reverse=True)
     sizes = sorted({*(2 ** e for e in range(len(order).bit_length())), len(order)})
