@@ -11,7 +11,10 @@ and one under Sentinel, steps alternating, each twin with its own RNG state. Per
 table gives the budget and audited peak as shares of the all-fast peak, the bytes moved, the
 median step time of each over the steady steps (each paired with the plain step just before
 it) and their ratio, the compiled regions entered per steady step by each (torch.profiler),
-and whether losses and final parameters are bitwise equal. Writes
+and whether losses and final parameters are bitwise equal. Deterministic algorithms are on
+(``torch.use_deterministic_algorithms(True)``): without them, inductor's CPU scatter-add (the
+embedding's backward, when the whole GPT is compiled) sums in a varying order, and two plain
+compiled runs of it differ from the first step's gradients on. Writes
 benchmarks/results/compile_<size>_<compile>_cpu<cores>_<date>.json and .md.
 """
 
@@ -45,6 +48,7 @@ def main() -> int:
     p.add_argument("--compile", choices=("blocks", "model"), default="blocks")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args()
+    torch.use_deterministic_algorithms(True)  # see the docstring: bitwise twins need it
 
     def compiled_workload(name: str) -> Any:
         wl = make_workload(name, size=args.size, seed=0)
@@ -141,7 +145,7 @@ def report(args: argparse.Namespace, env: dict[str, Any], rows: list[dict[str, A
         "",
         f"`{cmd}` on {env['cores']} cores, torch {env['torch']}, {env['date']}; "
         f"{args.steps} steps per run, plain compiled and Sentinel compiled alternating; "
-        "medians over paired steady steps.",
+        "medians over paired steady steps; deterministic algorithms on.",
         "",
         "| workload | budget | share of all-fast peak | audited peak | moved out per step "
         "| plain step | Sentinel step | ratio | compiled regions per step (plain / Sentinel) "
