@@ -107,6 +107,21 @@ def _train_compiled(how: str, budget: str | None, backend: str = BACKEND, steps:
     return _train_built(build, budget, steps)
 
 
+def _assert_twins(plain: tuple, ours: tuple, regions: int = 1) -> None:
+    """Sentinel's compiled run against the plain one: steady on the profile, bytes moved
+    within a binding budget, as many compiled regions per steady step, the same bits."""
+    plain_losses, plain_params, _, plain_regions = plain
+    losses, params, stats, ours_regions = ours
+    assert stats["phase"] == "steady", stats
+    assert stats["profiles"] == 1 and not stats["mismatches"], stats
+    assert stats["bytes_to_slow_per_step"] > 0, stats
+    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"] \
+        < stats["all_fast_peak_bytes"], stats
+    assert ours_regions == plain_regions >= regions  # the steady step ran compiled
+    assert_same(plain_losses, losses)
+    assert_same(plain_params, params)
+
+
 # A whole compiled model saves its activations at the end of its forward and unpacks them all
 # when its one backward node starts: only gradients and optimizer state can move; compiled
 # blocks let activations move between them (docs/integrations.md).
@@ -115,31 +130,14 @@ def _train_compiled(how: str, budget: str | None, backend: str = BACKEND, steps:
                                              ("compiled blocks", "50%"),
                                              ("compiled blocks", "min")])
 def test_compiled_training_is_bitwise_equal_and_stays_compiled(how, budget):
-    plain_losses, plain_params, _, plain_regions = _train_compiled(how, None)
-    losses, params, stats, regions = _train_compiled(how, budget)
-    assert stats["phase"] == "steady", stats
-    assert stats["profiles"] == 1 and not stats["mismatches"], stats
-    assert stats["bytes_to_slow_per_step"] > 0
-    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
-    assert stats["budget_bytes"] < stats["all_fast_peak_bytes"]
-    assert regions == plain_regions >= 1  # the steady step ran compiled, as without Sentinel
-    assert_same(plain_losses, losses)
-    assert_same(plain_params, params)
+    _assert_twins(_train_compiled(how, None), _train_compiled(how, budget))
 
 
 def test_inductor_compiled_training_is_bitwise_equal():
     """The real backend: inductor's own kernels and buffers, traced from the allocator."""
     how = "torch.compile(model)"
-    plain_losses, plain_params, _, plain_regions = _train_compiled(how, None, "inductor",
-                                                                   steps=7, dropout=0.0)
-    losses, params, stats, regions = _train_compiled(how, "min", "inductor", steps=7,
-                                                     dropout=0.0)
-    assert stats["phase"] == "steady" and stats["bytes_to_slow_per_step"] > 0, stats
-    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"] \
-        < stats["all_fast_peak_bytes"]
-    assert regions == plain_regions >= 1
-    assert_same(plain_losses, losses)
-    assert_same(plain_params, params)
+    _assert_twins(_train_compiled(how, None, "inductor", steps=7, dropout=0.0),
+                  _train_compiled(how, "min", "inductor", steps=7, dropout=0.0))
 
 
 def test_compiled_with_fsdp2_is_refused_at_construction(monkeypatch):
@@ -241,11 +239,4 @@ def test_hugging_face_gpt2_compiled_block_by_block():
             block.compile(backend=BACKEND)
         return model, model, loss_of
 
-    plain_losses, plain_params, _, plain_regions = _train_built(build, None)
-    losses, params, stats, regions = _train_built(build, "min")
-    assert stats["phase"] == "steady" and stats["bytes_to_slow_per_step"] > 0, stats
-    assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"] \
-        < stats["all_fast_peak_bytes"]
-    assert regions == plain_regions >= 4
-    assert_same(plain_losses, losses)
-    assert_same(plain_params, params)
+    _assert_twins(_train_built(build, None), _train_built(build, "min"), regions=4)
