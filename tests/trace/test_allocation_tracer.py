@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sentinel_hm.trace import load_trace, save_trace
 from sentinel_hm.trace.allocation_tracer import AllocationTracer
 from sentinel_hm.trace.model import Kind, Phase
 from sentinel_hm.trace.tracer import Tracer
@@ -28,7 +29,7 @@ def _step(model, opt, x) -> None:
     opt.zero_grad()
 
 
-def test_it_agrees_with_the_dispatch_mode_tracer_on_an_eager_step():
+def test_it_agrees_with_the_dispatch_mode_tracer_on_an_eager_step(tmp_path):
     model, opt, x = _model()
     _step(model, opt, x)  # the optimizer's state exists
     events: list[tuple[str, int, int]] = []
@@ -52,6 +53,8 @@ def test_it_agrees_with_the_dispatch_mode_tracer_on_an_eager_step():
     assert all(ours.storages[sid].saved for sid in packed)
     clocks = [clock for _, _, clock in events]
     assert clocks == sorted(clocks)  # heard in the order they happened
+    save_trace(ours, tmp_path / "trace.json")  # a valid trace: its file loads back
+    assert load_trace(tmp_path / "trace.json").peak_bytes == ours.peak_bytes
 
 
 def test_a_compiled_graph_is_cut_at_its_allocations():

@@ -407,6 +407,13 @@ class AllocationTracer:
             op.read_bytes += nbytes
 
     def _build(self) -> Trace:
+        last = len(self._ops) - 1
+        if last >= 0:  # the trace's clock (model.py): within the step's ops
+            for s in self._storages:
+                if s.created_at is not None and s.created_at > last:
+                    s.created_at = last  # allocated after the last op
+                if s.freed_at is not None:
+                    s.freed_at = min(max(s.freed_at, s.created_at or 0), last)
         ops = tuple(
             OpRecord(index=i, name=op.name, phase=op.phase, layer=op.layer,
                      inputs=tuple(op.inputs), outputs=tuple(op.outputs),
