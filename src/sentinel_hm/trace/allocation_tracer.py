@@ -236,8 +236,7 @@ class AllocationTracer:
             elif name.startswith(_GRAPH_CALL):
                 self._graph_call(e)
             elif name.startswith("aten::") or not _has_ops(e):
-                index = self._new_op(name.removeprefix("aten::"), e.start_time_ns,
-                                     e.end_time_ns)
+                index = self._new_op(name, e.start_time_ns, e.end_time_ns)  # as Tracer names
                 self._reads(index, e)
                 self._walk(e.children, index)
             elif name.startswith(_REGION):
