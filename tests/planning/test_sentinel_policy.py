@@ -99,8 +99,9 @@ def skip_chain(n_layers: int = 8) -> sh.Trace:
 def test_a_runtime_plan_moves_no_activation_the_program_still_holds(access):
     # NOTE [Held by the program]: a study of the trace may evict A0 between its forward
     # reads, around the scratch peak, and bring it back for the skip read; a runtime cannot,
-    # since the program holds A0 there, so the plan for a runtime keeps it fast until its
-    # last forward read, and its floor is higher by what that costs
+    # since the program holds A0 there. Once an audit found A0 held until its last forward
+    # read (held_until), the runtime's plan keeps it fast until then, and its floor is higher
+    # by what that costs
     hw = hardware(access, link_bytes_per_s=64 * GiB)
     trace = skip_chain()
     last_forward_read = 7
@@ -110,8 +111,12 @@ def test_a_runtime_plan_moves_no_activation_the_program_still_holds(access):
                 if m.storage == 0 and m.to is Tier.SLOW and m.issue_at <= last_forward_read]
 
     assert early_evictions(sh.plan(trace, hw, 9 * MiB, "sentinel"))
-    runtime = context(trace, hw, movable=frozenset({Kind.SAVED_ACTIVATION}))
-    assert runtime.held_in_forward[0] == last_forward_read
+    first = context(trace, hw, movable=frozenset({Kind.SAVED_ACTIVATION}))
+    assert not first.held_in_forward  # nothing found held yet: the first plan may evict it
+    # an audit found every activation held by the program (each until its next layer's read)
+    found = tuple((s.id, 0) for s in trace.storages if s.kind is Kind.SAVED_ACTIVATION)
+    runtime = dataclasses.replace(first, held_until=found)
+    assert runtime.held_in_forward[0] == last_forward_read  # held, so until its last read
     with pytest.raises(sh.SentinelError, match=r"smallest it can honour is 10\.0 MiB"):
         sh.plan(trace, hw, 9 * MiB, "sentinel", ctx=runtime)
     plan = sh.plan(trace, hw, 10 * MiB, "sentinel", ctx=runtime)

@@ -69,8 +69,9 @@ def test_activations_the_program_holds_are_found_and_the_budget_holds():
     assert held % ACTIVATION == 0 and held >= 4 * ACTIVATION
     assert_steady_within_budget(sentinel)
     sentinel.close()
-    # without the list, only the loop's variable outlives its last use (by one op)
+    # without the list, only the loop's variable outlives its last use (by one op): the
+    # plan is not made again for that, and bytes still move
     _, _, plain = _train("min", steps=6, log=False)
     assert plain.stats()["bytes_to_slow_per_step"] > 0
-    assert plain.stats()["held_by_program_bytes"] < held
+    assert_steady_within_budget(plain)
     plain.close()

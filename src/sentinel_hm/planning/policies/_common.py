@@ -106,9 +106,10 @@ class Context:
 
     @cached_property
     def held_in_forward(self) -> dict[int, int]:
-        """Saved activation -> its last use before backward, for a runtime's plan: until then
-        the program holds it too (the input of a residual add, say), so an eviction frees
-        nothing and an op cannot read it in the slow tier; only autograd's saves move."""
+        """Saved activation a runtime found the program holds (``held_until``) -> its last use
+        before backward, or the op it was found held until if later: until then an eviction
+        frees nothing and an op cannot read it in the slow tier (NOTE [Held by the
+        program])."""
         if self.movable is None:
             return {}
         backward = {op.index for op in self.trace.ops if op.phase is Phase.BACKWARD}
@@ -121,10 +122,8 @@ class Context:
             forward = [op for op in uses if first_bw is None or op < first_bw]
             if forward:
                 held[s.id] = forward[-1]
-        for sid, op in self.held_until:
-            if sid in held:
-                held[sid] = max(held[sid], op)
-        return held
+        found = dict(self.held_until)
+        return {sid: max(op, found[sid]) for sid, op in held.items() if sid in found}
 
     @cached_property
     def backward_end(self) -> int | None:
