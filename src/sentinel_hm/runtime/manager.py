@@ -799,8 +799,7 @@ class Sentinel:
         clip of the gradients may follow): moved in place, they are complete in fast memory
         first. FSDP2 calls these methods on its objects, so a wrapper set on the object sees
         every call; removing it leaves FSDP2 as it was."""
-        if not self._shard_sid and not (self._sharded and self.schedule
-                                        and self.schedule.grads):
+        if not self._sharded:
             return []
         from torch.distributed.fsdp import FSDPModule
 
@@ -808,12 +807,13 @@ class Sentinel:
         grad_sid = {id(self._named[name]): sid for sid, name in self.schedule.grads.items()}
         undo: list[Any] = []
 
-        def wrap(obj: Any, method: str, before: Callable[[], None],
+        def wrap(obj: Any, method: str, before: Callable[[], None] | None,
                  after: Callable[[], None] | None = None) -> None:
             original = getattr(obj, method)
 
             def guarded(*args: Any, **kwargs: Any) -> Any:
-                before()
+                if before is not None:
+                    before()
                 try:
                     return original(*args, **kwargs)
                 finally:
@@ -837,7 +837,7 @@ class Sentinel:
                     wrap(group, "post_backward", partial(run.hold, grads),
                          partial(run.let_go, grads))
             if module is self.model and grad_sid:
-                wrap(state, "_root_post_backward_final_callback", _nothing_now,
+                wrap(state, "_root_post_backward_final_callback", None,
                      run.restore_resized)  # after: it may run groups' post_backward
         return undo
 
@@ -884,7 +884,11 @@ class Sentinel:
         # Nothing saved to manage (a budget that fits the step): no hooks, no cost, and
         # autograd keeps its own checks.
         hooked = bool(self.schedule.managed_saved or self.schedule.params)
-        hooks = (torch.autograd.graph.saved_tensors_hooks(*opaque_to_dynamo(run.pack, run.unpack))
+        # a compiled region calls the hooks: they run eagerly (opaque_to_dynamo); an eager
+        # model's pack and unpack are not wrapped (a wrapper costs on every save)
+        pack_unpack = (opaque_to_dynamo(run.pack, run.unpack) if self._compiled
+                       else (run.pack, run.unpack))
+        hooks = (torch.autograd.graph.saved_tensors_hooks(*pack_unpack)
                  if hooked else contextlib.nullcontext())
 
         def unhook() -> None:
@@ -957,10 +961,6 @@ class _Unwrap:
 
     def remove(self) -> None:
         self.obj.__dict__.pop(self.method, None)
-
-
-def _nothing_now() -> None:
-    pass
 
 
 def _nothing(_: int) -> None:
