@@ -112,7 +112,7 @@ from sentinel_hm.runtime.mover import Mover
 from sentinel_hm.runtime.recompute import CheckpointedLayers
 from sentinel_hm.runtime.residency import HeldEntry, ResizedEntry
 from sentinel_hm.runtime.schedule import Schedule, StepEvents
-from sentinel_hm.runtime.steady import SteadyStep
+from sentinel_hm.runtime.steady import SteadyStep, eviction_headroom
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.tiers import open_tiers
 from sentinel_hm.trace.allocation_tracer import AllocationTracer, opaque_to_dynamo
@@ -281,6 +281,7 @@ class Sentinel:
         self._plain_step_s: list[float] = []
         self._audit_next = False
         self._audit_trace: Trace | None = None
+        self._headroom: dict[int, int] = {}  # NOTE [Evictions in flight], from the last audit
         self._events = StepEvents()
         self._ctx: Any = None
         self._budget = 0
@@ -678,6 +679,7 @@ class Sentinel:
         ctx, budget = self._ctx, self._budget
         hw = ctx.hardware
         self._restore()
+        self._headroom = {}  # measured again by this plan's trial
         # nothing moves for nothing: a budget that holds the whole step gets the all-fast plan
         policy = "all-fast" if target >= trace.peak_bytes else self.policy
         plan = make_plan(trace, hw, target, policy, ctx=ctx)
@@ -853,6 +855,7 @@ class Sentinel:
             _remember(never_copied, arena)
         run = SteadyStep(self.schedule, self.tiers, self.mover, self._held, never_copied,
                          self._moving_params, self._chunk_sids)
+        run.headroom = self._headroom
         self.mover.reset_counters()
         audit = self._audit_next
         self._audit_next = False
@@ -868,6 +871,7 @@ class Sentinel:
             tracer = self._tracer(track_saved=False)
             arena = self.tiers.arena()
             tracer.start()
+            run.audit_at = tracer.at_next_op
             if arena is not None:
                 tracer.tag_external(arena, ARENA_NAME)
         handles = [*self._grad_hooks(run.grad_ready), *self._fetch_hooks(run),
@@ -915,12 +919,17 @@ class Sentinel:
             self.mover.synchronous = False
             self._audit_trace = tracer.stop()
             self._audit_trace_fresh = True
-            measured = max(fast_bytes_curve(self._audit_trace), default=0)
+            curve = fast_bytes_curve(self._audit_trace)
+            traced = max(curve, default=0)
+            measured = traced
             if device is not None:  # on a GPU the allocator's own peak is the measure
                 torch.cuda.synchronize(device)
                 measured = max(measured, torch.cuda.max_memory_allocated(device))
             self._stats.audited_peak_fast_bytes = measured
             self._audited_peaks.append(measured)
+            if run.mismatch is None:
+                self._headroom = eviction_headroom(run.ticks, curve, self._budget,
+                                                   measured - traced)
         self._program_held |= run.program_held
         if run.freed_late:  # found by audited steps only
             self._note_held_late(run.freed_late)

@@ -6,11 +6,24 @@ promises. The compute waits only when an op needs data whose copy has not
 finished; the seconds the host blocks for that are the stall.
 ``synchronous=True`` makes every copy part of the compute (used by audits, so
 that a tracer sees every copy).
+
+NOTE [Evictions in flight]
+An eviction's fast bytes are free only when its copy has read them (the
+engine keeps them until then, and a device allocator cannot reuse them
+sooner). An audited step copies synchronously, so its measured peak has no
+eviction in flight; a steady step lets the host run ahead of its copies, and
+each eviction not yet done adds its bytes to what the audit saw. The runtime
+therefore bounds those bytes at each clock event by the headroom the audit
+left there (the budget minus the audited peak until the next event), and the
+host waits, counted as stall, for the oldest evictions until they fit. A
+steady step then holds at most what its audit measured plus that headroom:
+the budget.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
@@ -24,17 +37,39 @@ class Mover:
         self.synchronous = False
         self.stall_s = 0.0
         self.bytes_moved = {Tier.SLOW: 0, Tier.FAST: 0}
+        self._evictions: deque[tuple[Completion, int]] = deque()  # not yet seen done
 
     def submit(self, to: Tier, dst: torch.Tensor, src: torch.Tensor,
                after: Completion | None = None) -> Completion | None:
         """Copy ``src`` into ``dst`` (toward tier ``to``) beside compute, after ``after``;
         None when the copy is already part of the compute (synchronous)."""
-        self.bytes_moved[to] += dst.numel() * dst.element_size()
+        nbytes = dst.numel() * dst.element_size()
+        self.bytes_moved[to] += nbytes
         if self.synchronous:
             self.wait(after)
             self.engine.compute_copy(dst, src)
             return None
-        return self.engine.submit(to, dst, src, after)
+        copy = self.engine.submit(to, dst, src, after)
+        if to is Tier.SLOW:
+            self._evictions.append((copy, nbytes))
+        return copy
+
+    def evictions_in_flight(self) -> int:
+        """Bytes of the evictions whose copies have not finished (NOTE [Evictions in flight])."""
+        pending = self._evictions
+        while pending and pending[0][0].done():
+            pending.popleft()
+        return sum(nbytes for copy, nbytes in pending if not copy.done())
+
+    def bound_evictions(self, limit: int) -> None:
+        """Block the host until at most ``limit`` bytes of evictions are in flight, waiting for
+        the oldest first (NOTE [Evictions in flight]); the seconds blocked are stall."""
+        if self.evictions_in_flight() <= limit:
+            return
+        start = time.perf_counter()
+        while self._evictions and self.evictions_in_flight() > limit:
+            self._evictions.popleft()[0].wait()
+        self.stall_s += time.perf_counter() - start
 
     def wait(self, copy: Completion | None) -> None:
         """Order the compute from now on after ``copy``, counting a blocked host as stall."""
@@ -53,6 +88,7 @@ class Mover:
         that what the program reads between steps, such as optimizer state in pinned host
         memory for ``torch.save``, is complete)."""
         self.engine.drain()
+        self._evictions.clear()
 
     def reset_counters(self) -> None:
         self.stall_s = 0.0

@@ -6,6 +6,8 @@ See NOTE [Runtime clock] (schedule.py) and NOTE [Residency] (residency.py).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -112,11 +114,21 @@ class SteadyStep:
         # storage; one that outlives the event of its eviction was held by the program too
         self.watch_frees = False
         self.freed_late: dict[int, int] = {}  # saved storage -> op clock when its bytes died
+        # NOTE [Evictions in flight]: the bytes of evictions in flight each clock event allows
+        # (from the last audit of this plan), and in an audited step the audit trace's op at
+        # each event, to compute those
+        self.headroom: dict[int, int] = {}
+        self.audit_at: Callable[[Callable[[int], None]], None] | None = None  # at_next_op
+        self.ticks: list[tuple[int, int]] = []  # (op clock, audit trace op)
+        self._ticked = -1
 
     # -- the plan's clock ----------------------------------------------------------------------
 
     def advance(self, op: int) -> None:
         """Issue every move planned at or before trace op ``op``; commit finished swaps."""
+        if self.audit_at is not None and op > self._ticked:
+            self._ticked = op
+            self.audit_at(partial(self._tick, op))
         self.clock = max(self.clock, op)
         if self.in_flight:
             self._commit(block=False)
@@ -143,6 +155,14 @@ class SteadyStep:
             else:
                 held.prefetch(self.mover, self.tiers)
             self.in_flight.append(held)
+        limit = self.headroom.get(self.clock)
+        if limit is not None:
+            self.mover.bound_evictions(limit)
+            if self.in_flight:
+                self._commit(block=False)
+
+    def _tick(self, clock: int, at: int) -> None:
+        self.ticks.append((clock, at))
 
     def _watch(self, saved: SavedEntry) -> None:
         left = saved.left_behind() if saved.left_behind is not None else None
@@ -342,3 +362,17 @@ class SteadyStep:
         if hooked and self.mismatch is None and self.packed != len(self.schedule.saved_order):
             self.mismatched(f"autograd saved {self.packed} tensors, the profiled step "
                             f"{len(self.schedule.saved_order)}")
+
+
+def eviction_headroom(ticks: list[tuple[int, int]], fast_bytes: tuple[int, ...],
+                      budget: int, excess: int = 0) -> dict[int, int]:
+    """NOTE [Evictions in flight]: for each clock event of an audited step, the bytes of
+    evictions that may be in flight from it until the next event: the budget less the most
+    the audit measured in between (``fast_bytes`` per audit op; ``excess`` is what the
+    allocator measured beyond that curve's peak, counted everywhere)."""
+    headroom = {}
+    for k, (clock, start) in enumerate(ticks):
+        end = ticks[k + 1][1] if k + 1 < len(ticks) else len(fast_bytes)
+        most = max(fast_bytes[start : max(end, start + 1)], default=0)
+        headroom[clock] = max(0, budget - most - excess)
+    return headroom
