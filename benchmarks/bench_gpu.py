@@ -22,8 +22,9 @@ that begin and end in the steady phase and that it counts itself
 (``steady_step_times``, audited steps excluded). ``torch.cuda.synchronize()``
 brackets each step (every stream, copies included); a step's time is the wall
 time between, its device time the compute stream's CUDA events. Peak:
-``torch.cuda.max_memory_allocated()`` over each timed step (reset before it),
-the largest.
+the allocator's peak of active bytes (``active_bytes.all.peak``: allocated
+blocks and blocks a side stream still copies from) over each timed step
+(reset before it), the largest.
 
 Determinism: ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` before CUDA starts and
 ``torch.use_deterministic_algorithms(True)`` (strict) for every mode alike;
@@ -289,7 +290,8 @@ def run_mode(make: Callable[[], Any], mode: Mode, total_steps: int,
             if steady:
                 times.append(wall)
                 device_times.append(start.elapsed_time(end) / 1e3)
-                peaks.append(torch.cuda.max_memory_allocated(device))
+                # active bytes: blocks a side stream still copies from count too
+                peaks.append(torch.cuda.memory_stats(device)["active_bytes.all.peak"])
         run.losses = torch.stack(losses).float().cpu()
         if sentinel is not None:
             stats = sentinel.stats()
@@ -402,7 +404,7 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], done: bool) -> list[
              f"{env['cnn_batch']}; {env['total_steps']} steps per mode, at least "
              f"{env['need_steady']} timed steady steps per Sentinel row.", "",
              "Step: median wall time of the timed steady steps (n), synchronised at step "
-             "boundaries; peak: the largest `max_memory_allocated` over them. Budget and moved "
+             "boundaries; peak: the largest peak of the allocator's active bytes over them. Budget and moved "
              "bytes from `Sentinel.stats()`. Lower bound: max(plain step, forced bytes over "
              "each link direction); plan copies: the bytes this plan moved over the link.", "",
              "| workload | mode | step (ms) | n | x plain | peak | budget | out / in per step | predicted (ms) | lower bound (ms) | plan copies (ms) | bitwise "

@@ -112,8 +112,9 @@ def slow_copies(monkeypatch):
 @pytest.mark.parametrize("name", ["gpt", "cnn"])
 @pytest.mark.parametrize("budget", ["50%", "min"])
 def test_budget_holds_in_an_asynchronous_steady_step(name, budget):
-    """The allocator's peak over a real (unaudited, asynchronous) steady step, everything the
-    process holds on the GPU included, is within the budget."""
+    """The allocator's peak of active bytes over a real (unaudited, asynchronous) steady step,
+    everything the process holds on the GPU included, and blocks waiting for a side stream's
+    copy (NOTE [Evictions in flight]), is within the budget."""
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -125,7 +126,7 @@ def test_budget_holds_in_an_asynchronous_steady_step(name, budget):
     with sentinel.step():
         wl.step()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.memory_stats()["active_bytes.all.peak"]
     assert len(sentinel.steady_step_times) == timed + 1  # a steady step, not audited
     assert peak <= stats["budget_bytes"], (
         f"steady step peaked at {peak} bytes on the GPU, over the budget "
@@ -220,4 +221,18 @@ def test_no_growth_over_40_steady_steps():
     assert torch.cuda.memory_allocated() <= device_bytes
     arena = sentinel.tiers.arena()
     assert (arena.numel() if arena is not None else 0) == arena_bytes
+    sentinel.close()
+
+
+def test_an_audit_leaves_the_users_peak_statistics_alone():
+    """NOTE [Allocator peak]: the audit reads the allocator's history, it does not reset the
+    process's peak; and it switches recording off again."""
+    big = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    del big
+    users_peak = torch.cuda.max_memory_allocated()
+    _, _, sentinel, phases = _train("gpt", "50%")
+    _assert_steady_and_moving(sentinel, phases)
+    assert sentinel.stats()["audited_peak_fast_bytes"] > 0
+    assert torch.cuda.max_memory_allocated() >= users_peak >= 256 << 20
+    assert not torch._C._cuda_isHistoryEnabled()
     sentinel.close()

@@ -6,8 +6,13 @@ import pytest
 import torch
 
 import sentinel_hm as sh
+from sentinel_hm.core.cost import CostModel
+from sentinel_hm.core.hardware import Access
+from sentinel_hm.runtime.manager import calibrated
 from sentinel_hm.tiers import ThrottledTiers, open_tiers
+from sentinel_hm.trace.model import Kind, Phase
 
+from ..planning.tracegen import Builder, MiB, hardware
 from .test_sentinel import CONFIGS, STEPS, assert_same, train
 
 SLOW_LINK = "throttled:h2d=200MB/s,d2h=200MB/s,latency=20us"
@@ -92,3 +97,25 @@ def test_trials_off():
     with pytest.raises(sh.SentinelError, match="negative"):
         wl = CONFIGS["mlp"](0)
         sh.Sentinel(wl.model, wl.optimizer, trials=-1)
+
+
+def test_calibration_adds_overhead_or_scales_ops_down_to_the_plain_step():
+    # (issue 11, item 9) on a GPU each profiled op is timed between synchronisations, so the
+    # ops can add up to more than a plain step that launches ahead: they are scaled down,
+    # never given a negative (clamped) overhead that leaves the simulator's step too long
+    b = Builder()
+    x = b.storage(MiB, Kind.TEMPORARY)
+    b.op(Phase.FORWARD, 0, creates=[x], duration_s=3e-3)
+    b.op(Phase.FORWARD, 0, reads=[x], frees=[x], duration_s=1e-3)
+    trace = b.build(1)
+    hw = hardware(Access.MIGRATE)
+
+    slower, hw_slow = calibrated(trace, hw, 6e-3)  # 2 ms of framework overhead over 2 ops
+    assert slower is trace and hw_slow.op_overhead_s == pytest.approx(1e-3)
+    assert sum(CostModel(slower, hw_slow).base_s) == pytest.approx(6e-3)
+
+    faster, hw_fast = calibrated(trace, hw, 2e-3)  # half the synchronised ops' time
+    assert hw_fast.op_overhead_s == 0.0
+    assert [op.duration_s for op in faster.ops] == pytest.approx([1.5e-3, 0.5e-3])
+    assert sum(CostModel(faster, hw_fast).base_s) == pytest.approx(2e-3)
+    assert faster.storages == trace.storages

@@ -115,6 +115,7 @@ from sentinel_hm.runtime.schedule import Schedule, StepEvents
 from sentinel_hm.runtime.steady import SteadyStep, eviction_headroom
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.tiers import open_tiers
+from sentinel_hm.tiers.cuda import CudaTiers
 from sentinel_hm.trace.allocation_tracer import AllocationTracer, opaque_to_dynamo
 from sentinel_hm.trace.model import Kind, Phase, Trace
 from sentinel_hm.trace.sharded import (
@@ -411,7 +412,7 @@ class Sentinel:
         self._events = events
         self._program_held = set()  # storage ids are the new trace's
         self._held_late, self._held_tried = {}, set()
-        hw = self._calibrated(trace)
+        trace, hw = self._calibrated(trace)
         movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
         fixed: frozenset[int] = frozenset()
         if self._sharded:  # NOTE [FSDP2]: the parameters FSDP2 gathers are its own
@@ -663,16 +664,13 @@ class Sentinel:
         raise SentinelError(f"{why}; {advice}. Training can go on: later steps run without "
                             "Sentinel (everything is back in fast memory)")
 
-    def _calibrated(self, trace: Trace) -> Hardware:
-        """The tiers' hardware model, with the per-op framework overhead measured: the fastest
-        plain warm-up step's wall time (the first pays one-off costs; on a shared machine
-        either may be slowed) minus the profiled step's op times, per op."""
+    def _calibrated(self, trace: Trace) -> tuple[Trace, Hardware]:
+        """The trace and the tiers' hardware model, calibrated on the fastest plain warm-up
+        step (the first pays one-off costs; on a shared machine either may be slowed)."""
         hw = self.tiers.hardware()
-        if not self._plain_step_s or not trace.ops or not hw.measured_op_times:
-            return hw
-        ops_s = sum(op.duration_s for op in trace.ops)
-        overhead = max(0.0, (min(self._plain_step_s) - ops_s) / len(trace.ops))
-        return dataclasses.replace(hw, op_overhead_s=overhead)
+        if not self._plain_step_s or not hw.measured_op_times:
+            return trace, hw
+        return calibrated(trace, hw, min(self._plain_step_s))
 
     def _make_plan(self, trace: Trace, target: int) -> None:
         """Plan for ``target`` bytes (the budget, or less after a measured excess)."""
@@ -860,14 +858,15 @@ class Sentinel:
         audit = self._audit_next
         self._audit_next = False
         run.watch_frees = audit
-        tracer = None
-        device = getattr(self.tiers, "device", None)
+        tracer = meter = None
         if audit:
             self.mover.drain()
             self.mover.synchronous = True
-            if device is not None:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
+            # NOTE [Allocator peak]: on a GPU the allocator's own peak, the user's peak
+            # statistics untouched
+            if isinstance(self.tiers, CudaTiers):
+                meter = self.tiers.allocator_peak()
+                meter.start()
             tracer = self._tracer(track_saved=False)
             arena = self.tiers.arena()
             tracer.start()
@@ -922,9 +921,8 @@ class Sentinel:
             curve = fast_bytes_curve(self._audit_trace)
             traced = max(curve, default=0)
             measured = traced
-            if device is not None:  # on a GPU the allocator's own peak is the measure
-                torch.cuda.synchronize(device)
-                measured = max(measured, torch.cuda.max_memory_allocated(device))
+            if meter is not None:
+                measured = max(measured, meter.stop() or 0)
             self._stats.audited_peak_fast_bytes = measured
             self._audited_peaks.append(measured)
             if run.mismatch is None:
@@ -1052,6 +1050,26 @@ def _remember(table: dict[int, weakref.ref[torch.UntypedStorage]], t: torch.Tens
 def _same(t: torch.Tensor) -> torch.Tensor:
     """The parameter itself: its identity and version survive ``.data`` swaps."""
     return t
+
+
+def calibrated(trace: Trace, hw: Hardware, plain_step_s: float) -> tuple[Trace, Hardware]:
+    """Op times that add up to a plain step's wall time ``plain_step_s``.
+
+    When the profiled ops took less, the rest is per-op framework overhead (Python, dispatch,
+    autograd's engine between ops), spread evenly. When they took more, the step overlapped
+    what the profile timed one op at a time: on a GPU the tracer synchronises around each
+    op, so each time includes its launch, while a plain step launches kernels ahead. The op
+    times are then scaled down to the step's, with no overhead (an overhead clamped to 0
+    would leave the simulator's all-fast step longer than the real one)."""
+    ops_s = sum(op.duration_s for op in trace.ops)
+    if not trace.ops:
+        return trace, hw
+    if ops_s <= plain_step_s:
+        overhead = (plain_step_s - ops_s) / len(trace.ops)
+        return trace, dataclasses.replace(hw, op_overhead_s=overhead)
+    scale = plain_step_s / ops_s
+    ops = tuple(dataclasses.replace(op, duration_s=op.duration_s * scale) for op in trace.ops)
+    return dataclasses.replace(trace, ops=ops), dataclasses.replace(hw, op_overhead_s=0.0)
 
 
 def fast_bytes_curve(trace: Trace) -> tuple[int, ...]:
