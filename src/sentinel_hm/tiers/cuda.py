@@ -167,8 +167,8 @@ class AllocatorPeak:
         """The peak, or None when the user's full ring buffer hides where the step began."""
         torch.cuda.synchronize(self.device)
         trace = self._trace()
-        if self._ours:
-            torch.cuda.memory._record_memory_history(None)
+        if self._ours:  # off again, and its entries dropped
+            torch.cuda.memory._record_memory_history(None, clear_history=True)
         elif len(trace) <= self._skip:
             warnings.warn("sentinel: the audit could not read the CUDA allocator's peak "
                           "(your memory history's ring buffer is full): it measures the "
