@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -46,3 +47,24 @@ def write_results(out_dir: Path, stem: str, data: dict[str, Any], lines: list[st
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return path
+
+
+def mover_core_threads() -> int:
+    """Torch threads that leave the throttled tiers' mover threads a core: the cores but one
+    (a GPU's copy engines are their own hardware; on a CPU the copies take compute's cores)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=mover_core_threads(),
+                   help="torch threads (default: the cores but one, left to the mover threads)")
+
+
+def set_threads(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Apply ``--threads``; the result-file tag it needs ("" at the default)."""
+    import torch
+
+    if args.threads < 1:
+        p.error(f"--threads {args.threads}: give at least 1")
+    torch.set_num_threads(args.threads)
+    return "" if args.threads == mover_core_threads() else f"_threads{args.threads}"

@@ -29,14 +29,20 @@ the middle parts only when --budgets or --links, or --threads, differ from the d
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from _common import RESULTS, environment, with_tuned_malloc, write_results
+from _common import (
+    RESULTS,
+    add_threads_argument,
+    environment,
+    set_threads,
+    with_tuned_malloc,
+    write_results,
+)
 
 LINKS = ("16GB/s", "4GB/s", "1GB/s")
 BUDGETS = ("50%", "min")
@@ -60,14 +66,10 @@ def main() -> int:
     p.add_argument("--links", default=",".join(LINKS), help="bandwidth each way, per case")
     p.add_argument("--no-stall", action="store_true",
                    help="skip the stall comparison (GPT, 60%%, 1GB/s)")
-    default_threads = max(1, (os.cpu_count() or 2) - 1)
-    p.add_argument("--threads", type=int, default=default_threads,
-                   help="torch threads (default: the cores but one, left to the mover threads)")
+    add_threads_argument(p)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args()
-    if args.threads < 1:
-        p.error(f"--threads {args.threads}: give at least 1")
-    torch.set_num_threads(args.threads)
+    threads = set_threads(p, args)
 
     def run(name: str, budget: str, link: str, policy: str = "sentinel") -> dict[str, object]:
         torch.manual_seed(0)
@@ -203,7 +205,6 @@ def main() -> int:
                          f"{r['measured_stall_s'] * 1e3:.1f} | "
                          f"{r['predicted_stall_s'] * 1e3:.1f} |")
     tag = re.sub(r"[^A-Za-z0-9]+", "-", f"{args.budgets}_{args.links}".replace("%", "pct"))
-    threads = "" if args.threads == default_threads else f"_threads{args.threads}"
     stem = (f"agreement_{args.size}{'_' + tag if cases else ''}{threads}_cpu{env['cores']}_"
             f"{env['day']}")
     write_results(args.out_dir, stem,

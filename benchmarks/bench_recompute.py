@@ -3,6 +3,7 @@ full activation checkpointing, each against a plain twin in the same run.
 
     python benchmarks/bench_recompute.py [--size small] [--steps 12] [--workloads gpt,cnn]
                                          [--links "throttled:h2d=2GB/s,d2h=2GB/s;..."]
+                                         [--threads N]
 
 On the throttled host tiers (the emulated link at 0.25, 2 and 8 GB/s each way), each
 workload runs: Sentinel at 20% with recompute=False (at its "min" when 20% is refused),
@@ -11,8 +12,11 @@ detected layer wrapped in torch.utils.checkpoint (no Sentinel; its fast-memory p
 profiled step's). Each is stepped in alternation with a plain twin (same seed, own RNG
 state): ratios are medians of steady steps over the paired plain step. Sentinel rows are
 checked bit for bit against the twin (losses and final parameters) and give the simulator's
-prediction for the plan that ran; target: measured within 15% of it. Writes
-benchmarks/results/recompute_<size>_cpu<cores>_<date>.json and .md.
+prediction for the plan that ran; target: measured within 15% of it. Torch computes on
+``--threads`` threads (default: the cores but one), so that the mover threads have a core of
+their own, as in bench_agreement.py. Writes
+benchmarks/results/recompute_<size>[_threads<n>]_cpu<cores>_<date>.json and .md (the middle
+part when --threads is not the default).
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, environment, with_tuned_malloc, write_results
+from _common import (
+    RESULTS,
+    add_threads_argument,
+    environment,
+    set_threads,
+    with_tuned_malloc,
+    write_results,
+)
 
 # the issue's two links, and one slow enough that a 2-core CPU's compute cannot hide the copies
 LINKS = "throttled:h2d=0.25GB/s,d2h=0.25GB/s;throttled:h2d=2GB/s,d2h=2GB/s;" \
@@ -47,8 +58,10 @@ def main() -> int:
     p.add_argument("--size", default="small")
     p.add_argument("--steps", type=int, default=12, help="steps per run (default 12)")
     p.add_argument("--links", default=LINKS, help="tiers specs separated by ';'")
+    add_threads_argument(p)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args()
+    threads = set_threads(p, args)
 
     def run(name: str, tiers: str, mode: str, budget: str | int) -> dict[str, Any]:
         plain = make_workload(name, size=args.size, seed=0)
@@ -133,7 +146,7 @@ def main() -> int:
             rows.append(run(name, tiers, "checkpoint every layer", budget))
     env = environment(steps=args.steps)
     lines = report(args, env, rows)
-    write_results(args.out_dir, f"recompute_{args.size}_cpu{env['cores']}_{env['day']}",
+    write_results(args.out_dir, f"recompute_{args.size}{threads}_cpu{env['cores']}_{env['day']}",
                   {"env": env, "size": args.size, "rows": rows,
                    "max_prediction_error": MAX_PREDICTION_ERROR}, lines)
     return 0
@@ -149,7 +162,8 @@ def report(args: argparse.Namespace, env: dict[str, Any], rows: list[dict[str, A
 
     lines = [f"# Keep, move or recompute on throttled host tiers, {env['day']}", "",
              f"`python benchmarks/bench_recompute.py --size {args.size} --steps {args.steps} "
-             f"--workloads {args.workloads}` on {env['cores']} CPU cores, torch {env['torch']}. "
+             f"--workloads {args.workloads} --threads {args.threads}` on {env['cores']} CPU "
+             f"cores ({env['threads']} torch threads), torch {env['torch']}. "
              "Medians of steady steps, each over the plain twin's step just before it.", "",
              "| workload | link | mode | budget (MiB) | peak: audited or profiled (MiB) | "
              "recomputed layers | plain (ms) | ours (ms) | ratio | predicted (ms) | "
@@ -180,8 +194,11 @@ def report(args: argparse.Namespace, env: dict[str, Any], rows: list[dict[str, A
             "| - | - | - | - |")
     lines += ["", f"Target: measured within {MAX_PREDICTION_ERROR:.0%} of the simulator: "
               + ("met for every Sentinel row" if not misses else "missed for " + "; ".join(misses)),
-              "", "On this machine the throttled tiers' copies run on the same two cores as "
-              "compute (PITFALLS.md): moved bytes cost CPU time the simulator does not charge."]
+              "", "The throttled tiers' copies are memcpy on mover threads: "
+              + ("they have a core of their own (torch computes on the others), as a GPU's "
+                 "copy engines are their own hardware." if env["threads"] < env["cores"] else
+                 "every core computes, so copies take compute's cores (PITFALLS.md), which "
+                 "the simulator does not charge.")]
     return lines
 
 
