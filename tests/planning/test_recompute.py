@@ -233,3 +233,52 @@ def test_each_micro_batch_of_a_recomputed_layer_reruns():
     dropped = sum(trace.storages[sid].nbytes for sid in first.saved)
     assert rewritten.live_bytes[first.forward[1] + 1] <= trace.live_bytes[first.forward[1] + 1] \
         - dropped
+
+
+def wide_first_layer(n_layers: int = 4) -> Trace:
+    """Layer 0 saves three 4 MiB tensors in a chain, and its backward uses and frees them one
+    at a time; the other layers save one 2 MiB tensor each. Recomputing layer 0 rebuilds all
+    three at once before its backward: 12 MiB where plain backward needs one at a time."""
+    b = Builder()
+    params = [b.storage(64 * 1024, Kind.PARAMETER, pre=True) for _ in range(n_layers)]
+    x = b.storage(256 * 1024, Kind.INPUT, pre=True)
+    keep = []
+    for i in range(n_layers):
+        saved, prev = [], x
+        for _ in range(3 if i == 0 else 1):
+            h = b.storage(4 * MiB if i == 0 else 2 * MiB, Kind.SAVED_ACTIVATION, saved=True)
+            b.op(Phase.FORWARD, i, reads=[prev, params[i]], creates=[h], duration_s=2e-5)
+            saved.append(h)
+            prev = h
+        y = b.storage(256 * 1024, Kind.SAVED_ACTIVATION, saved=True)
+        b.op(Phase.FORWARD, i, reads=[prev], creates=[y], duration_s=1e-4)
+        keep.append((x, saved))
+        x = y
+    loss = b.storage(4, Kind.TEMPORARY)
+    b.op(Phase.FORWARD, None, reads=[x], creates=[loss], frees=[x], duration_s=1e-5)
+    for i in reversed(range(n_layers)):
+        xi, saved = keep[i]
+        for j in reversed(range(len(saved))):
+            first = j == 0  # the layer's input is read by its last backward op
+            b.op(Phase.BACKWARD, i, reads=[saved[j], params[i], *([xi] if first else [])],
+                 frees=[saved[j], *([xi] if first and i else [])],
+                 duration_s=4e-4 / len(saved))
+    b.op(Phase.OTHER, None, frees=[loss], duration_s=1e-5)
+    return b.build(n_layers)
+
+
+def test_a_layer_whose_rebuild_does_not_fit_is_skipped_not_kept_in_every_later_set():
+    # layer 0 drops the most bytes per second of rerun, so it is tried first; rebuilt at once
+    # it does not fit 45% of the peak, and the layers after it are still recomputed
+    trace = wide_first_layer()
+    hw = hardware(Access.MIGRATE, 256 * MiB)  # a link too slow to hide the moves
+    budget = int(trace.peak_bytes * 0.45)
+    times = {}
+    for recompute in (False, True):
+        plan = sh.plan(trace, hw, budget, "sentinel", ctx=context(trace, hw, recompute=recompute))
+        result = sh.simulate(trace, plan, hw)
+        assert result.peak_fast_bytes <= budget and not result.overflow_bytes
+        times[recompute] = result.step_s
+    assert plan.info["search"]["recompute 0"] == "infeasible"
+    assert 0 not in plan.recompute and set(plan.recompute) == {1, 2, 3}
+    assert times[True] < 0.8 * times[False], times

@@ -288,15 +288,17 @@ def sentinel(ctx: Context, budget: int) -> Plan:
     recompute; see NOTE [Sentinel planning]."""
     best, search, lowest_planned = _search(ctx, budget)
     if ctx.recompute and ctx.clock is None:
-        for layers in _recompute_sets(ctx):
-            label = f"recompute {len(layers)}"
+        chosen: tuple[int, ...] = ()
+        for group in _recompute_groups(ctx):
+            layers = tuple(sorted((*chosen, *group)))
+            label = "recompute " + ",".join(map(str, layers))
             found, _, planned = _search(recomputing(ctx, layers), budget)
             if planned is not None:
                 lowest_planned = (planned if lowest_planned is None
                                   else min(lowest_planned, planned))
             search[label] = found[0] if found else "infeasible"
             if found and (best is None or found[0] < best[0]):
-                best = found
+                best, chosen = found, layers
     if best is None:
         raise Infeasible(
             f"sentinel cannot fit the step into {format_bytes(budget)} of fast memory "
@@ -306,10 +308,13 @@ def sentinel(ctx: Context, budget: int) -> Plan:
     return replace(plan, info={**plan.info, "search": search})
 
 
-def _recompute_sets(ctx: Context) -> list[tuple[int, ...]]:
-    """Sets of layers to recompute, cheapest first: the layers that drop the most saved bytes
-    per second of recomputation (the cost model's times of the ops rerun), in prefixes of
-    1, 2, 4, ... layers and all of them."""
+def _recompute_groups(ctx: Context) -> list[tuple[int, ...]]:
+    """Layers to try recomputing, in groups of 1, 1, 2, 4, ... (each as large as all before
+    it), best first: the layers that drop the most saved bytes per second of recomputation
+    (the cost model's times of the ops rerun). `sentinel` adds a group to the layers it
+    recomputes when the plan with it is faster; a group that does not fit (rebuilding its
+    layers at once needs more than the budget) or slows the step is skipped, not kept in
+    every later set."""
     layers = ctx.recomputable
     if isinstance(ctx.recompute, frozenset):
         layers = {i: layer for i, layer in layers.items() if i in ctx.recompute}
@@ -320,8 +325,12 @@ def _recompute_sets(ctx: Context) -> list[tuple[int, ...]]:
         return dropped / max(layer.rerun_s(base), 1e-12)
 
     order = sorted(layers, key=lambda i: worth(layers[i]), reverse=True)
-    sizes = sorted({*(2 ** e for e in range(len(order).bit_length())), len(order)})
-    return [tuple(sorted(order[:n])) for n in sizes if n]
+    groups, start = [], 0
+    while start < len(order):
+        size = max(1, start)
+        groups.append(tuple(order[start : start + size]))
+        start += size
+    return groups
 
 
 def _search(ctx: Context, budget: int
