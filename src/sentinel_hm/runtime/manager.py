@@ -67,7 +67,10 @@ state, so dropout draws the same) and the next step is profiled again: the
 plan of moves is made on the step as it now runs, against the same budget
 (shares of the all-fast peak of the program as written). A rerun gives back
 the buffers it changed, so batch norm's running statistics are updated once a
-step, as without recomputation.
+step, as without recomputation. When the step as it then runs cannot be held
+to the budget (a checkpoint rebuilds all of a layer's saved tensors at once,
+on the runtime's clock), the layers get their own forwards back and the step
+is profiled again, not recomputing.
 ``close()``, and a budget given up on, restore the layers' own forwards.
 
 NOTE [Checkpoints]
@@ -275,6 +278,7 @@ class Sentinel:
         self._held_late: dict[int, int] = {}
         self._held_tried: set[frozenset[tuple[int, int]]] = set()
         self._refused: int | None = None  # a budget below the floor, being measured
+        self._recompute_undone = False  # recomputing made this budget infeasible
         # Plain warm-up steps: in the first the optimizer creates its state (the profiled step
         # must look like the steady ones) and the allocator touches fresh memory; the wall
         # time of the last calibrates the per-op overhead.
@@ -448,6 +452,15 @@ class Sentinel:
             floor = min_budget(self._ctx, self.policy)  # remembered from the refusal
             if self._budget >= floor:
                 raise
+            if self._checkpointed and self.fast_memory != "min":
+                # NOTE [Recomputed layers]: the step as it runs recomputing does not fit a
+                # budget the step as written does (a checkpoint rebuilds a layer's saved
+                # tensors at once, before its backward): profile again without recomputing
+                self._checkpointed.restore()
+                self._stats.recomputed_layers = []
+                self._recompute_undone = True
+                self._phase = "profile"
+                return
             # NOTE [Measured budget]: the refusal quotes the smallest plan's measured peak, so
             # the figure it names is one that holds; the trial step measures it
             self._refused, self._budget = self._budget, floor
@@ -483,7 +496,8 @@ class Sentinel:
         """NOTE [Recomputed layers]: whether the planner recomputes layers at this budget; if
         so, they are wrapped in checkpoints and the step must be profiled again."""
         if (not self.recompute or self._checkpointed or self.policy != "sentinel"
-                or self._compiled):  # inductor chooses what a compiled region recomputes
+                or self._compiled  # inductor chooses what a compiled region recomputes
+                or self._recompute_undone):
             return False
         modules = dict(self.model.named_modules())
         allowed = frozenset(layer.index for layer in trace.layers
