@@ -25,7 +25,7 @@ demo: $(VENV)/.installed-plot
 test: $(VENV)/.installed-dev,plot,hf,lightning
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto  # one worker per core (pytest-xdist); tests use one torch thread
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests benchmarks examples
