@@ -38,6 +38,7 @@ class Mover:
         self.stall_s = 0.0
         self.bytes_moved = {Tier.SLOW: 0, Tier.FAST: 0}
         self._evictions: deque[tuple[Completion, int]] = deque()  # not yet seen done
+        self._eviction_bytes = 0  # their bytes
 
     def submit(self, to: Tier, dst: torch.Tensor, src: torch.Tensor,
                after: Completion | None = None) -> Completion | None:
@@ -52,14 +53,17 @@ class Mover:
         copy = self.engine.submit(to, dst, src, after)
         if to is Tier.SLOW:
             self._evictions.append((copy, nbytes))
+            self._eviction_bytes += nbytes
         return copy
 
     def evictions_in_flight(self) -> int:
-        """Bytes of the evictions whose copies have not finished (NOTE [Evictions in flight])."""
+        """Bytes of the evictions whose copies have not finished (NOTE [Evictions in flight]).
+        Copies toward one tier finish in submission order (NOTE [Copy engine]), so the done
+        ones are at the front."""
         pending = self._evictions
         while pending and pending[0][0].done():
-            pending.popleft()
-        return sum(nbytes for copy, nbytes in pending if not copy.done())
+            self._eviction_bytes -= pending.popleft()[1]
+        return self._eviction_bytes
 
     def bound_evictions(self, limit: int) -> None:
         """Block the host until at most ``limit`` bytes of evictions are in flight, waiting for
@@ -67,8 +71,10 @@ class Mover:
         if self.evictions_in_flight() <= limit:
             return
         start = time.perf_counter()
-        while self._evictions and self.evictions_in_flight() > limit:
-            self._evictions.popleft()[0].wait()
+        while self._evictions and self._eviction_bytes > limit:
+            copy, nbytes = self._evictions.popleft()
+            copy.wait()
+            self._eviction_bytes -= nbytes
         self.stall_s += time.perf_counter() - start
 
     def wait(self, copy: Completion | None) -> None:
@@ -89,6 +95,7 @@ class Mover:
         memory for ``torch.save``, is complete)."""
         self.engine.drain()
         self._evictions.clear()
+        self._eviction_bytes = 0
 
     def reset_counters(self) -> None:
         self.stall_s = 0.0
