@@ -10,6 +10,7 @@ import sentinel_hm as sh
 from sentinel_hm.core.hardware import Access
 from sentinel_hm.core.plan import Move, Tier
 from sentinel_hm.planning.planner import context
+from sentinel_hm.planning.policies.sentinel import plan_intervals
 from sentinel_hm.trace.model import Kind, Phase
 
 from .tracegen import Builder, GiB, MiB, hardware
@@ -121,3 +122,30 @@ def test_a_runtime_plan_moves_no_activation_the_program_still_holds(access):
         sh.plan(trace, hw, 9 * MiB, "sentinel", ctx=runtime)
     plan = sh.plan(trace, hw, 10 * MiB, "sentinel", ctx=runtime)
     assert plan.moves and not early_evictions(plan)
+
+
+def test_a_prefetch_longer_than_an_interval_is_issued_earlier_where_memory_has_room():
+    # Layers alternate 1 ms and 3 ms of compute and each saves 1 MiB, whose copy takes 2 ms:
+    # the link keeps up on average, but a prefetch issued one interval ahead of a use after a
+    # 1 ms layer arrives 1 ms late. Issued earlier, where the 4 MiB budget has room, none is.
+    b = Builder()
+    n = 8
+    acts = [b.storage(MiB, Kind.SAVED_ACTIVATION, saved=True) for _ in range(n)]
+    for i in range(n):
+        b.op(Phase.FORWARD, i, reads=acts[i - 1 : i], creates=[acts[i]],
+             duration_s=3e-3 if i % 2 else 1e-3)
+    for i in reversed(range(n)):
+        b.op(Phase.BACKWARD, i, reads=[acts[i]], frees=[acts[i]],
+             duration_s=3e-3 if i % 2 else 1e-3)
+    trace = b.build(n)
+    hw = hardware(Access.MIGRATE, link_bytes_per_s=MiB / 2e-3)
+    ctx = context(trace, hw)
+    one_ahead, _ = plan_intervals(ctx, 4 * MiB, 1, lead=1)
+    assert sh.simulate(trace, one_ahead, hw).stall_s == pytest.approx(2e-3)
+
+    plan = sh.plan(trace, hw, 4 * MiB, "sentinel")
+    result = sh.simulate(trace, plan, hw)
+    assert result.stall_s == 0 and result.step_s == pytest.approx(32e-3)
+    assert result.peak_fast_bytes <= 4 * MiB and not result.overflow_bytes
+    ahead = [m.issue_at for m in plan.moves if m.to is Tier.FAST]
+    assert ahead < [m.issue_at for m in one_ahead.moves if m.to is Tier.FAST]

@@ -19,7 +19,21 @@ NOTE [Sentinel planning]
    of taken gaps that cover j. Intervals are visited in order; while one is
    over budget, the gap covering it whose storage is needed again farthest in
    the future is taken (Belady: evict what is not needed for longest).
-5. Direct access only: if gaps are not enough, candidates stay in slow memory
+5. Prefetches then move earlier where memory has room: one interval at a time,
+   round robin over the taken gaps, soonest use first, while the occupancy of
+   the interval a prefetch moves into stays within the budget. A copy longer
+   than one interval's compute (a big activation before a short layer, a GPU's
+   fast compute against PCIe) then still arrives in time. At one issue point
+   the link queues the soonest-needed prefetch first. Fuller memory can also
+   cost time (an op waits for evictions in flight to free room), so the
+   winner of the search in 7 is planned with prefetches one interval ahead
+   too, and the faster of the two kept. Under a runtime's clock prefetches
+   stay one interval ahead: its audits measure what the planned occupancy
+   leaves out (evictions in flight, tensors the program holds), and plans
+   that fill the budget early left them no room (the runtime tests' audits
+   went over budget and re-planned more often, and a predicted all-fast plan
+   left test-and-trial nothing to try).
+6. Direct access only: if gaps are not enough, candidates stay in slow memory
    and ops use them in place, either for their whole life or only after one of
    their taken gaps (its prefetch is dropped: the uses before it stay fast, so
    e.g. a saved activation is written fast in forward, evicted by the link, and
@@ -27,7 +41,7 @@ NOTE [Sentinel planning]
    the cost model adds to the ops using the storage in place, per byte; the
    cheapest go first, each only while it frees bytes in an interval still over
    the budget, until every interval fits.
-6. ``k`` (a sixteenth of a layer to 16 layers) is chosen by planning each
+7. ``k`` (a sixteenth of a layer to 16 layers) is chosen by planning each
    candidate length and simulating the plan (under a runtime's clock, moves
    happen at its events: see `empty_plan`); the fastest feasible plan wins.
    Lengths that cut the step at the same ops are tried once. The plan of doing
@@ -79,6 +93,7 @@ class _Gap:
     fetch_iv: int | None  # interval whose first op issues the prefetch (None: never needed again)
     covers: tuple[tuple[int, int], ...]  # inclusive interval ranges freed
     wraps: bool  # starts the step in slow memory (placement 0)
+    use_iv: int | None = None  # interval of the use the prefetch serves
 
 
 def _gaps(ctx: Context, s: StorageRecord, starts: tuple[int, ...]) -> list[_Gap]:
@@ -91,7 +106,7 @@ def _gaps(ctx: Context, s: StorageRecord, starts: tuple[int, ...]) -> list[_Gap]
         used = sorted({interval_of(starts, held)}
                       | {interval_of(starts, op) for op in ctx.uses[s.id] if op > held})
     out = [
-        _Gap(s.id, s.nbytes, u1 + 1, u2 - 1, ((u1 + 1, u2 - 2),), False)
+        _Gap(s.id, s.nbytes, u1 + 1, u2 - 1, ((u1 + 1, u2 - 2),), False, u2)
         for u1, u2 in itertools.pairwise(used)
         if u2 - u1 >= 3
     ]
@@ -102,7 +117,8 @@ def _gaps(ctx: Context, s: StorageRecord, starts: tuple[int, ...]) -> list[_Gap]
             covers = [(0, used[0] - 2)]
             if used[-1] + 1 <= n_iv - 1:
                 covers.append((used[-1] + 1, n_iv - 1))
-            out.append(_Gap(s.id, s.nbytes, used[-1] + 1, used[0] - 1, tuple(covers), True))
+            out.append(_Gap(s.id, s.nbytes, used[-1] + 1, used[0] - 1, tuple(covers), True,
+                            used[0]))
     elif s.freed_at is not None and used[-1] + 2 <= interval_of(starts, end):
         # freed long after its last use (e.g. a gradient until zero_grad)
         last_iv = interval_of(starts, end)
@@ -124,12 +140,15 @@ def parse_interval_label(label: str) -> tuple[int, int] | None:
 
 
 def plan_intervals(
-    ctx: Context, budget: int, k: int, target: int | None = None, splits: int = 1
+    ctx: Context, budget: int, k: int, target: int | None = None, splits: int = 1,
+    lead: int = 1,
 ) -> tuple[Plan, int]:
     """Plan with intervals of ``k`` layers (or 1/``splits`` of a layer); returns the plan and
     its planned peak.
 
     The plan is made to fit ``target`` bytes (default: the budget), and carries the budget.
+    Prefetches are issued up to ``lead`` intervals before their use where memory has room
+    (NOTE [Sentinel planning], 5).
     """
     if target is None:
         target = budget
@@ -172,6 +191,8 @@ def plan_intervals(
                     freed[a] += gap.nbytes
                 freed[b + 1] -= gap.nbytes
         occ[j] -= running
+    if lead > 1 and max(occ, default=0) <= target:
+        _advance_prefetches(taken, occ, target, lead)
     placement: dict[int, int] = {}
     cold_moves: list[Move] = []  # read in place from the interval after their creation
     info: dict[str, object] = {
@@ -188,16 +209,56 @@ def plan_intervals(
         info["read_in_place_bytes"] = in_place
     moves: list[Move] = list(cold_moves)
     n_ops = len(ctx.trace.ops)
+    prefetches: list[tuple[int, int, Move]] = []
     for sid, gaps in taken.items():
         for gap in gaps:
             evict_at = starts[gap.evict_iv] if gap.evict_iv < n_iv else n_ops  # n_ops: step end
             moves.append(Move(sid, Tier.SLOW, evict_at, gap.nbytes))
             if gap.fetch_iv is not None:
-                moves.append(Move(sid, Tier.FAST, starts[gap.fetch_iv], gap.nbytes))
+                assert gap.use_iv is not None
+                at = starts[gap.fetch_iv]
+                prefetches.append((at, gap.use_iv, Move(sid, Tier.FAST, at, gap.nbytes)))
             if gap.wraps:
                 placement[sid] = 0
+    # the link serves copies in issue order: at one issue point, the soonest needed go first
+    moves.extend(m for _, _, m in sorted(prefetches, key=lambda t: t[:2]))
     plan = empty_plan(ctx, "sentinel", budget, placement=placement, moves=moves, info=info)
     return plan, max(occ, default=0)
+
+
+def _advance_prefetches(taken: dict[int, list[_Gap]], occ: list[int], target: int,
+                        lead: int) -> None:
+    """Issue prefetches up to ``lead`` intervals before their use where the planned occupancy
+    has room, so that a copy longer than an interval's compute can still arrive in time.
+
+    Round robin, one interval per gap per round, soonest use first: the room goes to every
+    prefetch in turn rather than to the first one. A gap stops at the interval after its
+    eviction, or where the room runs out (occupancy only grows here, so it never returns)."""
+    refs = sorted(((g.use_iv or 0, sid, i) for sid, gs in taken.items()
+                   for i, g in enumerate(gs) if g.fetch_iv is not None))
+    fetch = [taken[sid][i].fetch_iv or 0 for _, sid, i in refs]
+    stop = [taken[sid][i].covers[0][0] + 1 for _, sid, i in refs]  # keep one interval freed
+    size = [taken[sid][i].nbytes for _, sid, i in refs]
+    movable = [g for g in range(len(refs)) if taken[refs[g][1]][refs[g][2]].covers[0][1]
+               == fetch[g] - 1]  # a wrapping gap's first cover ends before its prefetch too
+    for _ in range(lead - 1):
+        still = []
+        for g in movable:
+            f = fetch[g] - 1
+            if f < stop[g] or occ[f] + size[g] > target:
+                continue
+            occ[f] += size[g]
+            fetch[g] = f
+            still.append(g)
+        if not still:
+            break
+        movable = still
+    for g, (_, sid, i) in enumerate(refs):
+        gap = taken[sid][i]
+        if fetch[g] != gap.fetch_iv:
+            lo, _ = gap.covers[0]
+            taken[sid][i] = replace(gap, fetch_iv=fetch[g],
+                                    covers=((lo, fetch[g] - 1), *gap.covers[1:]))
 
 
 def _place_cold_in_slow(
@@ -282,10 +343,19 @@ def _place_cold_in_slow(
     return set(slow_from)
 
 
+@dataclass(frozen=True, slots=True)
+class _Found:
+    step_s: float  # simulated
+    plan: Plan
+    ctx: Context
+    length: tuple[int, int] | None  # (layers per interval, splits); None: the do-nothing plan
+
+
 @register("sentinel")
 def sentinel(ctx: Context, budget: int) -> Plan:
     """Search the interval length in simulation, and with ``ctx.recompute`` which layers to
-    recompute; see NOTE [Sentinel planning]."""
+    recompute (prefetches issued early where memory has room; for the winner, one interval
+    ahead too). See NOTE [Sentinel planning]."""
     best, search, lowest_planned = _search(ctx, budget)
     if ctx.recompute and ctx.clock is None:
         chosen: tuple[int, ...] = ()
@@ -296,16 +366,23 @@ def sentinel(ctx: Context, budget: int) -> Plan:
             if planned is not None:
                 lowest_planned = (planned if lowest_planned is None
                                   else min(lowest_planned, planned))
-            search[label] = found[0] if found else "infeasible"
-            if found and (best is None or found[0] < best[0]):
+            search[label] = found.step_s if found else "infeasible"
+            if found and (best is None or found.step_s < best.step_s):
                 best, chosen = found, layers
     if best is None:
         raise Infeasible(
             f"sentinel cannot fit the step into {format_bytes(budget)} of fast memory "
             f"(its best plan needs about {format_bytes(lowest_planned or 0)})"
         )
-    plan = best[1]
-    return replace(plan, info={**plan.info, "search": search})
+    if (ctx.clock is None and best.length is not None
+            and best.step_s > sum(best.ctx.cost.base_s) * (1 + 1e-9)):
+        # early prefetches fill memory the replay's evictions in flight may need: the winner's
+        # length with prefetches one interval ahead is a candidate too
+        outcome, plan, _ = _fit(best.ctx, budget, *best.length)
+        search["one interval ahead"] = outcome
+        if isinstance(outcome, float) and outcome < best.step_s:
+            best = _Found(outcome, plan, best.ctx, best.length)
+    return replace(best.plan, info={**best.plan.info, "search": search})
 
 
 def _recompute_groups(ctx: Context) -> list[tuple[int, ...]]:
@@ -333,12 +410,34 @@ def _recompute_groups(ctx: Context) -> list[tuple[int, ...]]:
     return groups
 
 
+def _fit(ctx: Context, budget: int, k: int, splits: int, lead: int = 1
+         ) -> tuple[float | str, Plan, int]:
+    """Plan with one interval length and replay it: the simulated step time (or why it does
+    not fit), the plan, and its planned occupancy.
+
+    The planned occupancy is an estimate (evictions take time to free memory); when the
+    replay exceeds the budget, plan again against a target lowered by the excess."""
+    target = budget
+    lowest = 1 << 62
+    for _ in range(_REPLANS):
+        plan, planned = plan_intervals(ctx, budget, k, target, splits, lead)
+        lowest = min(lowest, planned)
+        if planned > target:
+            return "infeasible", plan, lowest
+        result = simulate(ctx.trace, plan, ctx.hardware, cost=ctx.cost)
+        excess = max(result.peak_fast_bytes - budget, result.overflow_bytes)
+        if excess <= 0:
+            return result.step_s, plan, lowest
+        target -= excess
+    return "over budget in replay", plan, lowest
+
+
 def _search(ctx: Context, budget: int
-            ) -> tuple[tuple[float, Plan] | None, dict[str, object], int | None]:
+            ) -> tuple[_Found | None, dict[str, object], int | None]:
     """The fastest feasible plan over interval lengths (and the plan of doing nothing
     clever), every candidate's predicted time, and the lowest planned occupancy seen."""
     n_layers = max(1, len({seg.layer for seg in ctx.trace.segments if seg.layer is not None}))
-    best: tuple[float, Plan] | None = None
+    best: _Found | None = None
     search: dict[str, object] = {}
     lowest_planned = None
     all_fast_s = sum(ctx.cost.base_s)  # no plan can beat compute alone
@@ -349,42 +448,31 @@ def _search(ctx: Context, budget: int
     for k, splits in ctx.interval_lengths or CANDIDATE_LENGTHS:
         if k <= 2 * n_layers:
             distinct[ctx.interval_starts(k, splits)] = (k, splits)  # keeps the first's place
-    for k, splits in distinct.values():
-        if worse >= 2 or (best and best[0] <= all_fast_s * (1 + 1e-9)):
+    for starts, (k, splits) in distinct.items():
+        if worse >= 2 or (best and best.step_s <= all_fast_s * (1 + 1e-9)):
             break
         label = str(k) if splits == 1 else f"1/{splits}"
-        # The planned occupancy is an estimate (evictions take time to free memory); when the
-        # replay exceeds the budget, plan again against a target lowered by the excess.
-        target = budget
-        for _ in range(_REPLANS):
-            plan, planned = plan_intervals(ctx, budget, k, target, splits)
-            lowest_planned = planned if lowest_planned is None else min(lowest_planned, planned)
-            if planned > target:
-                search[label] = "infeasible"
-                break
-            result = simulate(ctx.trace, plan, ctx.hardware, cost=ctx.cost)
-            excess = max(result.peak_fast_bytes - budget, result.overflow_bytes)
-            if excess <= 0:
-                search[label] = result.step_s
-                if best is None or result.step_s < best[0]:
-                    best = (result.step_s, plan)
-                    worse = 0
-                else:
-                    worse += 1
-                break
-            target -= excess
-            search[label] = "over budget in replay"
+        lead = len(starts) if ctx.clock is None else 1  # NOTE [Sentinel planning], 5
+        outcome, plan, planned = _fit(ctx, budget, k, splits, lead)
+        lowest_planned = planned if lowest_planned is None else min(lowest_planned, planned)
+        search[label] = outcome
+        if isinstance(outcome, float):
+            if best is None or outcome < best.step_s:
+                best = _Found(outcome, plan, ctx, (k, splits))
+                worse = 0
+            else:
+                worse += 1
     # The plan of doing nothing clever is a candidate too: what the OS would do under direct
     # access, fetch-on-use under migrate access.
     fallback = "first-touch" if ctx.hardware.access is Access.DIRECT else "all-slow"
     if ctx.interval_lengths is not None or (ctx.movable is not None and fallback == "first-touch"):
         fallback = ""  # a runtime cannot place arbitrary storages the way an OS does
-    if fallback and (best is None or best[0] > all_fast_s * (1 + 1e-9)):
+    if fallback and (best is None or best.step_s > all_fast_s * (1 + 1e-9)):
         static = REGISTRY[fallback](ctx, budget)
         result = simulate(ctx.trace, static, ctx.hardware, cost=ctx.cost)
         if not result.overflow_bytes and result.peak_fast_bytes <= budget:
             search[fallback] = result.step_s
-            if best is None or result.step_s < best[0]:
-                best = (result.step_s, replace(static, policy="sentinel",
-                                               info={"layers_per_interval": None}))
+            if best is None or result.step_s < best.step_s:
+                best = _Found(result.step_s, replace(static, policy="sentinel",
+                                                     info={"layers_per_interval": None}), ctx, None)
     return best, search, lowest_planned
