@@ -227,3 +227,15 @@ def test_every_reference_workload_recomputing_every_layer(every_layer_recomputed
     assert_same(plain_state, state)
     assert_steady_within_budget(sentinel)
     sentinel.close()
+
+
+def test_a_recomputing_step_is_predicted_to_cost_its_reruns(every_layer_recomputed):
+    """Predictions are calibrated on plain warm-up steps; a step that reruns every layer's
+    forward does more, and its predicted compute says so (it once absorbed the reruns into
+    the per-op overhead, and predicted the plain step's time)."""
+    _, _, sentinel = train("gpt", "min")
+    stats = sentinel.stats()
+    assert stats["recomputed_layers"] and stats["profiles"] == 2, stats
+    assert sentinel.prediction is not None
+    assert sentinel.prediction.compute_s >= 1.1 * stats["plain_step_s"]
+    sentinel.close()

@@ -70,7 +70,9 @@ the buffers it changed, so batch norm's running statistics are updated once a
 step, as without recomputation. When the step as it then runs cannot be held
 to the budget (a checkpoint rebuilds all of a layer's saved tensors at once,
 on the runtime's clock), the layers get their own forwards back and the step
-is profiled again, not recomputing.
+is profiled again, not recomputing. Predictions for a recomputing step are
+calibrated on the plain warm-up step scaled by the two profiles' op times
+(`Sentinel._calibrated`): the reruns cost time.
 ``close()``, and a budget given up on, restore the layers' own forwards.
 
 NOTE [Checkpoints]
@@ -159,6 +161,9 @@ class Stats:
     audited_peak_fast_bytes: int | None = None
     predicted_step_s: float | None = None
     predicted_peak_fast_bytes: int | None = None
+    # the fastest plain warm-up step, which predictions are calibrated on: a predicted
+    # slowdown is predicted_step_s over it
+    plain_step_s: float | None = None
     profiles: int = 0
     mismatches: list[str] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)  # test-and-trial steps
@@ -184,6 +189,7 @@ class Stats:
             "audited_peak_fast_bytes": self.audited_peak_fast_bytes,
             "predicted_step_s": self.predicted_step_s,
             "predicted_peak_fast_bytes": self.predicted_peak_fast_bytes,
+            "plain_step_s": self.plain_step_s,
             "profiles": self.profiles, "mismatches": list(self.mismatches),
             "trials": list(self.trials), "chosen_interval": self.chosen_interval,
             "recomputed_layers": list(self.recomputed_layers),
@@ -284,6 +290,7 @@ class Sentinel:
         # time of the last calibrates the per-op overhead.
         self._phase = "warmup"
         self._plain_step_s: list[float] = []
+        self._program_ops_s = 0.0  # profiled op time of the program as written
         self._audit_next = False
         self._audit_trace: Trace | None = None
         self._headroom: dict[int, int] = {}  # NOTE [Evictions in flight], from the last audit
@@ -416,6 +423,8 @@ class Sentinel:
         self._events = events
         self._program_held = set()  # storage ids are the new trace's
         self._held_late, self._held_tried = {}, set()
+        if not self._checkpointed:
+            self._program_ops_s = sum(op.duration_s for op in trace.ops)
         trace, hw = self._calibrated(trace)
         movable = _MOVABLE if self.tiers.moves_gradients else _MOVABLE - {Kind.GRADIENT}
         fixed: frozenset[int] = frozenset()
@@ -680,11 +689,20 @@ class Sentinel:
 
     def _calibrated(self, trace: Trace) -> tuple[Trace, Hardware]:
         """The trace and the tiers' hardware model, calibrated on the fastest plain warm-up
-        step (the first pays one-off costs; on a shared machine either may be slowed)."""
+        step (the first pays one-off costs; on a shared machine either may be slowed).
+
+        A step that recomputes layers (NOTE [Recomputed layers]) does more than the plain
+        warm-up steps did: its reference is the plain step scaled by its profiled op time
+        over the program's, so the reruns are predicted to cost time, not absorbed into the
+        per-op overhead."""
         hw = self.tiers.hardware()
         if not self._plain_step_s or not hw.measured_op_times:
             return trace, hw
-        return calibrated(trace, hw, min(self._plain_step_s))
+        plain_s = min(self._plain_step_s)
+        self._stats.plain_step_s = plain_s
+        if self._checkpointed and self._program_ops_s:
+            plain_s *= sum(op.duration_s for op in trace.ops) / self._program_ops_s
+        return calibrated(trace, hw, plain_s)
 
     def _make_plan(self, trace: Trace, target: int) -> None:
         """Plan for ``target`` bytes (the budget, or less after a measured excess)."""
