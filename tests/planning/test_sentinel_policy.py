@@ -141,7 +141,9 @@ def test_a_prefetch_longer_than_an_interval_is_issued_earlier_where_memory_has_r
     hw = hardware(Access.MIGRATE, link_bytes_per_s=MiB / 2e-3)
     ctx = context(trace, hw)
     one_ahead, _ = plan_intervals(ctx, 4 * MiB, 1, lead=1)
-    assert sh.simulate(trace, one_ahead, hw).stall_s == pytest.approx(2e-3)
+    late = sh.simulate(trace, one_ahead, hw)
+    assert late.stall_s == pytest.approx(2e-3)
+    assert late.stall_by_phase == pytest.approx({"backward": 2e-3})  # who waited
 
     plan = sh.plan(trace, hw, 4 * MiB, "sentinel")
     result = sh.simulate(trace, plan, hw)

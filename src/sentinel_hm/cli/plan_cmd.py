@@ -122,6 +122,17 @@ def _info_value(key: str, value: object) -> str:
     return str(value)
 
 
+def _stalls(result: SimResult) -> str:
+    """Where the replayed step waits: ops waiting for copies or room, by phase, and the copies
+    still running after the last op."""
+    text = f"stalls {format_ms(result.stall_s)}"
+    parts = [f"{phase} {format_ms(s)}" for phase, s in result.stall_by_phase.items() if s > 0]
+    tail = result.step_s - result.compute_s - result.stall_s
+    if tail > 1e-6 * max(result.step_s, 1e-9):
+        parts.append(f"copies after the last op {format_ms(tail)}")
+    return f"{text} ({', '.join(parts)})" if parts else text
+
+
 def summarize_plan(setup: Setup, plan: Plan, result: SimResult) -> str:
     """The lines ``sentinel plan`` prints: what was planned, what it costs in replay, and
     where it peaks (a refusal's error explains the smallest plan's peak the same way)."""
@@ -136,7 +147,7 @@ def summarize_plan(setup: Setup, plan: Plan, result: SimResult) -> str:
         f"{format_bytes(plan.moved_bytes(Tier.FAST))} to fast, "
         f"{format_bytes(plan.moved_bytes(Tier.SLOW))} to slow",
         f"simulated step: {format_ms(result.step_s)}, x{setup.slowdown(result):.3f} over "
-        f"all-fast ({format_ms(setup.all_fast.step_s)}); stalls {format_ms(result.stall_s)}",
+        f"all-fast ({format_ms(setup.all_fast.step_s)}); {_stalls(result)}",
         f"simulated traffic: {format_bytes(result.bytes_to_fast)} to fast, "
         f"{format_bytes(result.bytes_to_slow)} to slow; peak fast "
         f"{format_bytes(result.peak_fast_bytes)} ({result.peak_fast_bytes / plan.budget_bytes:.0%}"

@@ -65,6 +65,8 @@ class SimResult:
     # storage id -> fast bytes it holds during op ``snapshot_at`` (see `simulate`); None unless
     # a snapshot was asked for
     fast_at_snapshot: dict[int, int] | None = None
+    # stall_s by the phase of the op that waited ("forward", "backward", ...)
+    stall_by_phase: dict[str, float] = field(default_factory=dict)
 
 
 def _with_step_time(result: SimResult, step_s: float) -> SimResult:
@@ -117,6 +119,7 @@ class _Replay:
             )
         self.trace, self.plan, self.hw, self.cost = trace, plan, hw, cost
         self.want_timeline = timeline
+        self.phases = [op.phase.value for op in trace.ops]
         self.capacity = plan.budget_bytes
         self.direct = hw.access is Access.DIRECT
         n = len(trace.ops)
@@ -284,6 +287,8 @@ class _Replay:
         step_start = self.t
         snap = -1 if snapshot_at is None else snapshot_at  # one int compare per op when off
         snapshot: dict[int, int] | None = None
+        stall_by_phase: dict[str, float] = {}
+        stalled = 0.0  # stall_s before this op's waits
         for i in range(self.n_ops):
             base = base_live[i]
             moves = self.moves_at.get(i)
@@ -317,6 +322,10 @@ class _Replay:
                             self.t = ready[sid]
                 for sid in self.written[i]:
                     clean[sid] = False
+            if self.stall_s != stalled:
+                phase = self.phases[i]
+                stall_by_phase[phase] = stall_by_phase.get(phase, 0.0) + self.stall_s - stalled
+                stalled = self.stall_s
             occ = base + self.managed_fast
             occupancy[i] = occ
             if occ > peak:
@@ -355,6 +364,7 @@ class _Replay:
             op_end_s=tuple(ends),
             copies=tuple(self.copies),
             fast_at_snapshot=snapshot,
+            stall_by_phase=stall_by_phase,
         )
 
     def _snapshot(self, i: int) -> dict[int, int]:
