@@ -122,6 +122,20 @@ def _info_value(key: str, value: object) -> str:
     return str(value)
 
 
+def _moved_by_kind(ctx: Context, plan: Plan) -> str:
+    """What the planned moves to fast memory carry, by kind of storage, most first: what the
+    link must bring in each step."""
+    storages = recomputing(ctx, plan.recompute, plan.recompute_keeps).trace.storages
+    by_kind: dict[str, int] = {}
+    for m in plan.moves:
+        if m.to is Tier.FAST:
+            kind = storages[m.storage].kind.value.replace("_", " ")
+            by_kind[kind] = by_kind.get(kind, 0) + m.nbytes
+    parts = [f"{kind} {format_bytes(n)}" for kind, n in
+             sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    return "planned to fast by kind: " + (", ".join(parts) if parts else "nothing")
+
+
 def _stalls(result: SimResult) -> str:
     """Where the replayed step waits: ops waiting for copies or room, by phase, and the copies
     still running after the last op."""
@@ -152,6 +166,7 @@ def summarize_plan(setup: Setup, plan: Plan, result: SimResult) -> str:
         f"{format_bytes(result.bytes_to_slow)} to slow; peak fast "
         f"{format_bytes(result.peak_fast_bytes)} ({result.peak_fast_bytes / plan.budget_bytes:.0%}"
         " of the budget)",
+        _moved_by_kind(setup.ctx, plan),
         f"peak: {peak.summary()}; {peak.hint}",
     ]
     if plan.recompute:
