@@ -304,3 +304,26 @@ def test_errors_are_one_line_with_status_2(argv, message, trace_path, old_trace,
     assert code == 2
     assert len(err) == 1 and err[0].startswith(f"sentinel {argv[0]}: error: "), err
     assert message in err[0]
+
+
+def test_plan_says_what_the_link_carries_and_when_it_alone_exceeds_the_step(trace_path,
+                                                                           tmp_path, capsys):
+    slow = "h100-sxm,h2d=0.05GB/s,d2h=0.05GB/s"
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(trace_path), "--hardware", slow, "--budget", "60%",
+                 "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    plan = sentinel_hm.load_plan(out)
+    assert plan.moves
+    by_kind = next(x for x in lines if x.startswith("planned to fast by kind: "))
+    assert "nothing" not in by_kind
+    step = next(x for x in lines if x.startswith("simulated step: "))
+    assert re.search(r"stalls [\d.]+ ms \((forward|backward|optimizer) [\d.]+ ms", step), step
+    bound = next(x for x in lines if x.startswith("link-bound: "))
+    result = sentinel_hm.simulate(sentinel_hm.load_trace(trace_path), plan, slow)
+    assert f"to fast {result.bytes_to_fast / 0.05e9 * 1e3:.2f} ms" in bound, bound
+
+    capsys.readouterr()
+    assert main(["plan", str(trace_path), "--hardware", "h100-sxm", "--budget", "60%",
+                 "--out", str(out)]) == 0
+    assert "link-bound" not in capsys.readouterr().out  # PCIe carries it within the step

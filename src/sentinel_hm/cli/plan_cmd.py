@@ -136,6 +136,23 @@ def _moved_by_kind(ctx: Context, plan: Plan) -> str:
     return "planned to fast by kind: " + (", ".join(parts) if parts else "nothing")
 
 
+def _link_bound(setup: Setup, result: SimResult) -> list[str]:
+    """A line when the traffic alone keeps one direction of the link busy for longer than the
+    all-fast step: then no schedule hides the copies, only moving less does."""
+    link = setup.ctx.hardware.link
+    all_fast_s = setup.all_fast.step_s
+    busy = [(direction, nbytes / bandwidth) for direction, nbytes, bandwidth in (
+        ("to fast", result.bytes_to_fast, link.h2d_bytes_per_s),
+        ("to slow", result.bytes_to_slow, link.d2h_bytes_per_s)) if nbytes]
+    over = [(d, s) for d, s in busy if s > all_fast_s]
+    if not over:
+        return []
+    parts = ", ".join(f"{d} {format_ms(s)}" for d, s in over)
+    return [f"link-bound: the traffic alone keeps the link busy longer than the all-fast step "
+            f"({format_ms(all_fast_s)}): {parts}; no schedule can hide that, a larger budget "
+            "moves less"]
+
+
 def _stalls(result: SimResult) -> str:
     """Where the replayed step waits: ops waiting for copies or room, by phase, and the copies
     still running after the last op."""
@@ -167,6 +184,7 @@ def summarize_plan(setup: Setup, plan: Plan, result: SimResult) -> str:
         f"{format_bytes(result.peak_fast_bytes)} ({result.peak_fast_bytes / plan.budget_bytes:.0%}"
         " of the budget)",
         _moved_by_kind(setup.ctx, plan),
+        *_link_bound(setup, result),
         f"peak: {peak.summary()}; {peak.hint}",
     ]
     if plan.recompute:
