@@ -234,13 +234,14 @@ def _advance_prefetches(taken: dict[int, list[_Gap]], occ: list[int], target: in
     Round robin, one interval per gap per round, soonest use first: the room goes to every
     prefetch in turn rather than to the first one. A gap stops at the interval after its
     eviction, or where the room runs out (occupancy only grows here, so it never returns)."""
+    # every gap with a prefetch frees the intervals from covers[0][0] up to the one before it
+    # (a wrapping gap's first cover too)
     refs = sorted(((g.use_iv or 0, sid, i) for sid, gs in taken.items()
                    for i, g in enumerate(gs) if g.fetch_iv is not None))
     fetch = [taken[sid][i].fetch_iv or 0 for _, sid, i in refs]
     stop = [taken[sid][i].covers[0][0] + 1 for _, sid, i in refs]  # keep one interval freed
     size = [taken[sid][i].nbytes for _, sid, i in refs]
-    movable = [g for g in range(len(refs)) if taken[refs[g][1]][refs[g][2]].covers[0][1]
-               == fetch[g] - 1]  # a wrapping gap's first cover ends before its prefetch too
+    movable = list(range(len(refs)))
     for _ in range(lead - 1):
         still = []
         for g in movable:
