@@ -38,6 +38,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.runtime import Sentinel
+from sentinel_hm.runtime.options import check_options
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -71,6 +72,7 @@ class StepSession:
     """A `Sentinel` whose steps are opened and closed by callbacks (NOTE [Open steps])."""
 
     def __init__(self, fast_memory: str | int, tiers: str, policy: str, trials: int) -> None:
+        check_options(fast_memory, tiers, policy, trials)  # at construction, not at the third step
         self.options: dict[str, Any] = {"fast_memory": fast_memory, "tiers": tiers,
                                         "policy": policy, "trials": trials}
         self.sentinel: Sentinel | None = None  # the last one built, kept after it closes

@@ -104,8 +104,6 @@ from sentinel_hm.core.hardware import Access, Hardware
 from sentinel_hm.core.plan import Plan, Tier
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.planner import context, explain_min_budget, make_plan, min_budget
-from sentinel_hm.planning.policies import POLICIES
-from sentinel_hm.planning.policies.baselines import PLANNER_ONLY
 from sentinel_hm.planning.policies.sentinel import parse_interval_label
 from sentinel_hm.runtime.chunked_optimizer import (
     ChunkedStep,
@@ -114,6 +112,7 @@ from sentinel_hm.runtime.chunked_optimizer import (
     why_not_streamable,
 )
 from sentinel_hm.runtime.mover import Mover
+from sentinel_hm.runtime.options import check_model_and_optimizer, check_options
 from sentinel_hm.runtime.recompute import CheckpointedLayers
 from sentinel_hm.runtime.residency import HeldEntry, ResizedEntry
 from sentinel_hm.runtime.schedule import Schedule, StepEvents
@@ -218,13 +217,12 @@ class Sentinel:
         trials: int = 3,
         recompute: bool = True,
     ) -> None:
+        check_model_and_optimizer(model, optimizer)
+        check_options(fast_memory, tiers, policy, trials, recompute)
         self.model = model
         self.optimizer = optimizer
         self.fast_memory = fast_memory
         self.policy = policy
-        _check_policy(policy)
-        if trials < 0:
-            raise SentinelError(f"trials={trials} is negative: give 0 (no trials) or more")
         self._sharded = has_sharded_parameters(model)
         # NOTE [Tracing compiled code]: a compiled model is profiled as it runs, compiled
         self._compiled = _compiled_modules(model)
@@ -236,9 +234,6 @@ class Sentinel:
         if self._sharded:
             _refuse_fsdp_offload(model)
         self.trials = trials
-        if not isinstance(recompute, bool):
-            raise SentinelError(f"recompute={recompute!r} is not a bool: give True (the plan may "
-                                "recompute layers) or False")
         self.recompute = recompute
         self._checkpointed = CheckpointedLayers()  # NOTE [Recomputed layers]
         self._peak: int | None = None  # the all-fast peak of the program as the user wrote it
@@ -1053,18 +1048,6 @@ def _local_of(state: dict[str, Any], key: str) -> torch.Tensor | None:
 def _put_local(state: dict[str, Any], key: str, local: torch.Tensor) -> None:
     """The state's DTensor again, over ``local`` (its shard's new place)."""
     state[key] = with_local(state[key], local)
-
-
-def _check_policy(policy: str) -> None:
-    """A policy the runtime can execute, checked before any step runs."""
-    if policy not in POLICIES:
-        raise SentinelError(f"unknown policy {policy!r}: choose one of "
-                            f"{', '.join(p for p in POLICIES if p not in PLANNER_ONLY)}")
-    if policy in PLANNER_ONLY:
-        raise SentinelError(
-            f"policy {policy!r} is a baseline for the planner and simulator (sh.plan, sentinel "
-            "simulate); the runtime recomputes with policy='sentinel' and recompute=True (it "
-            "chooses which layers), or wrap layers in torch.utils.checkpoint yourself")
 
 
 def _compiled_modules(model: nn.Module) -> list[str]:
