@@ -256,6 +256,7 @@ class Sentinel:
         self._moving_params: dict[int, tuple[weakref.ref[torch.UntypedStorage], int,
                                              torch.Tensor]] = {}
         self._param_sid: dict[int, int] = {}  # id(parameter) -> its trace storage, if moved
+        self._param_key: dict[int, int] = {}  # its trace storage -> its key in _moving_params
         self._shard_sid: dict[int, int] = {}  # NOTE [FSDP2]: the same, for a moving shard
         self._chunk_sids: list[list[int]] = []
         self._named = dict(model.named_parameters())  # the names the tracer gives them
@@ -721,6 +722,7 @@ class Sentinel:
         named = self._named
         self._held = {}
         self._moving_params = {}
+        self._param_key = {}
         self._param_sid = {}
         self._shard_sid = {}
         owners: dict[int, set[int]] = {}  # held trace storage -> id() of its parameters
@@ -773,9 +775,18 @@ class Sentinel:
         self._track_param(param, sid)
 
     def _track_param(self, param: torch.Tensor, sid: int) -> None:
+        # The storage it leaves is no longer the parameter's: a view the program took before
+        # the move (MultiheadAttention splits in_proj_weight, then saves each part in turn)
+        # is saved as it is (its storage is one of ``_never_copied``), not rebuilt over the
+        # parameter's new storage at an offset that is not its own.
+        # (in place: the running step holds this table)
+        left = self._param_key.pop(sid, None)
+        if left is not None and self._moving_params.get(left, (None, -1))[1] == sid:
+            del self._moving_params[left]  # (unless its address is another's storage now)
         storage = param.untyped_storage()
         if not self.tiers.is_slow(storage):  # the arena is every slow parameter's storage
             self._moving_params[storage._cdata] = (weakref.ref(storage), sid, param)
+            self._param_key[sid] = storage._cdata
 
     def _slot(self, sid: int) -> torch.Tensor:
         assert self.schedule is not None and self.trace is not None
@@ -983,6 +994,7 @@ class Sentinel:
                 entry.restore(self.mover, self.tiers)
             self.mover.drain()
             self._moving_params = {}
+            self._param_key = {}
             self._param_sid = {}
 
 
