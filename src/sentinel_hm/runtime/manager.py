@@ -95,7 +95,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -111,6 +111,7 @@ from sentinel_hm.runtime.chunked_optimizer import (
     warn_unstreamed,
     why_not_streamable,
 )
+from sentinel_hm.runtime.failures import machinery_frame
 from sentinel_hm.runtime.mover import Mover
 from sentinel_hm.runtime.options import check_model_and_optimizer, check_options
 from sentinel_hm.runtime.recompute import CheckpointedLayers
@@ -296,6 +297,7 @@ class Sentinel:
         self._replans = 0
         self._stats = Stats(self._phase, self.tiers.name, policy)
         self._audit_trace_fresh = False  # the step just run was audited (slow: not timed)
+        self._program_ran = False  # the open step's program block returned (NOTE [Failures])
         self._warned = False
         # NOTE [Checkpoints]: a tensor in the slow tier is a view of the arena, and torch.save
         # writes a view's whole storage; state dicts get compact copies of those instead
@@ -324,8 +326,28 @@ class Sentinel:
                 "sentinel.stats()['phase'] == 'steady', with no audit() pending)")
         if phase == "off":  # a budget that could not be held: plain steps (see close())
             yield
-        elif phase == "warmup":
+        else:
+            self._program_ran = False  # set once the program's block has returned
+            try:
+                yield from self._run_phase(phase, start)
+            except SentinelError:
+                raise  # the runtime's own verdicts (refusals, misuse): already restored
+            except Exception as error:  # NOTE [Failures]
+                where = machinery_frame(error, _STEP_CODES)
+                if where is None:
+                    raise  # the program's own error: Sentinel stays usable
+                self._fail(error, where, phase)
+        self._stats.steps += 1
+        if phase == "steady" and not self._audit_trace_fresh:
+            self._stats.step_s.append(time.perf_counter() - start)
+        self._audit_trace_fresh = False
+        self._stats.phase = self._phase
+
+    def _run_phase(self, phase: str, start: float) -> Iterator[None]:
+        """One step of ``phase`` (not ``off``)."""
+        if phase == "warmup":
             yield
+            self._program_ran = True
             self._synchronize()
             self._plain_step_s.append(time.perf_counter() - start)
             if len(self._plain_step_s) == WARMUP_STEPS:
@@ -341,11 +363,32 @@ class Sentinel:
                 self._next_trial(time.perf_counter() - start)
             elif phase == "trial" and self._phase == "trial":
                 self._check_measured_peak()
-        self._stats.steps += 1
-        if phase == "steady" and not self._audit_trace_fresh:
-            self._stats.step_s.append(time.perf_counter() - start)
-        self._audit_trace_fresh = False
-        self._stats.phase = self._phase
+
+    def _fail(self, error: Exception, where: str, phase: str) -> NoReturn:
+        """NOTE [Failures]: the machinery failed; everything is restored, later steps run
+        plain, and the user is told what failed and what to do."""
+        self._phase = self._stats.phase = "off"
+        stuck = []
+        for undo in (self._restore, self._checkpointed.restore, self._release):
+            try:
+                undo()
+            except Exception as e:  # each undo runs, whatever the one before did
+                stuck.append(f"{type(e).__name__}: {e}")
+        done = ("the step itself completed (its update is done)" if self._program_ran else
+                "the step did not complete (its gradients are partial): zero them and run "
+                "this batch again")
+        state = ("everything is back in fast memory, recomputed layers run their own "
+                 "forwards and Sentinel's hooks and memory are released" if not stuck else
+                 f"restoring failed too ({'; '.join(stuck)}): some tensors may still be in the "
+                 "slow tier; save what you can and restart without Sentinel")
+        raise SentinelError(
+            f"Sentinel failed in its own machinery during a {phase} step, at {where} "
+            f"({type(error).__name__}: {error}); {state}; {done}. Training can go on: later "
+            "steps run without Sentinel. Please report this, with its traceback") from error
+
+    def _release(self) -> None:
+        """The slow arena back to the system (a later plan reserves it again)."""
+        self.tiers.close()
 
     def audit(self) -> None:
         """Trace the next steady step and measure its true peak of fast-tier bytes (every
@@ -369,13 +412,14 @@ class Sentinel:
     def close(self) -> None:
         """Bring everything back to fast memory and stop the mover: training can go on
         without Sentinel."""
-        self._restore()
-        self._checkpointed.restore()
-        self.mover.close()
-        self.tiers.close()
-        for h in self._state_dict_hooks:
-            h.remove()
-        self._state_dict_hooks = []
+        with contextlib.ExitStack() as undo:  # every part runs, even if one before raised
+            for h in self._state_dict_hooks:
+                undo.callback(h.remove)
+            self._state_dict_hooks = []
+            undo.callback(self.tiers.close)
+            undo.callback(self.mover.close)
+            undo.callback(self._checkpointed.restore)
+            self._restore()
 
     def _synchronize(self) -> None:
         """GPU work is asynchronous: a step's time runs to the end of its kernels."""
@@ -409,6 +453,7 @@ class Sentinel:
         tracer.start()
         try:
             yield
+            self._program_ran = True
         finally:
             trace = tracer.stop()
             for h in handles:
@@ -658,6 +703,7 @@ class Sentinel:
         quote = max(self._rounded(measured), min_budget(self._ctx, self.policy))
         where = explain_min_budget(self._ctx, self.policy).describe("the smallest plan")
         self._restore()
+        self._release()
         self._phase = self._stats.phase = "profile"  # a new fast_memory is tried afresh
         raise SentinelError(
             f"fast_memory={self.fast_memory!r} ({format_bytes(asked)}, {asked / peak:.0%} of "
@@ -679,6 +725,7 @@ class Sentinel:
         )
         self._restore()
         self._checkpointed.restore()
+        self._release()
         self._phase = self._stats.phase = "off"
         raise SentinelError(f"{why}; {advice}. Training can go on: later steps run without "
                             "Sentinel (everything is back in fast memory)")
@@ -942,6 +989,7 @@ class Sentinel:
         try:
             with hooks:
                 yield
+            self._program_ran = True
             run.finish(hooked)
         except BaseException:
             unhook()
@@ -1102,3 +1150,9 @@ def calibrated(trace: Trace, hw: Hardware, plain_step_s: float) -> tuple[Trace, 
 def fast_bytes_curve(trace: Trace) -> tuple[int, ...]:
     """Bytes in the fast tier at each op of an audited step: every live storage but the arena."""
     return trace.live_bytes_of(s for s in trace.storages if s.name != ARENA_NAME)
+
+
+# the step's own context managers: the program's error is thrown into them (NOTE [Failures])
+_STEP_CODES = frozenset({Sentinel.step.__wrapped__.__code__,  # type: ignore[attr-defined]
+                         Sentinel._run_phase.__code__, Sentinel._steady_step.__code__,
+                         Sentinel._profile_step.__code__})
