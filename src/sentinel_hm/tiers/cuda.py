@@ -14,14 +14,9 @@ done (so an evicted tensor can be dropped at once), and the pinned block
 lives as long as the tiers. The host reads pinned memory (a checkpoint between
 steps) only after `CudaEngine.drain`, which synchronises the side streams.
 
-NOTE [Pinned arena]
-``torch.empty(pin_memory=True)`` goes through PyTorch's pinned caching
-allocator, which rounds up to a power of two (up to twice the bytes pinned)
-and keeps blocks cached after they are dropped. The arena is instead ordinary
-host memory, page-aligned, registered with ``cudaHostRegister`` at its exact
-size (rounded to a page); it is kept when a later plan needs no more, replaced
-(unregistered first) when it needs more, and unregistered on ``close()``.
-Slots are exact offsets in it.
+NOTE [Pinned arena] and NOTE [Arena lifetime] are in ``tiers/pinned_arena.py``:
+the slow tier is one page-aligned host block registered with CUDA, unregistered
+before its memory can be freed, whether the tiers are closed or dropped.
 
 NOTE [Allocator peak]
 An audit measures the GPU's peak over one step without resetting the
@@ -55,9 +50,9 @@ from sentinel_hm.core.plan import Tier
 from sentinel_hm.core.presets import PRESETS
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.tiers.base import Completion
+from sentinel_hm.tiers.pinned_arena import HostRuntime, PinnedArena, cuda_runtime
 
 _PROBE_BYTES = 64 << 20
-_PAGE = 4096
 
 
 class CudaCompletion:
@@ -163,8 +158,9 @@ class AllocatorPeak:
             self._skip = len(self._trace())
         self._start_bytes = torch.cuda.memory_stats(self.device).get("active_bytes.all.current", 0)
 
-    def stop(self) -> int | None:
-        """The peak, or None when the user's full ring buffer hides where the step began."""
+    def stop(self, traced_peak: int) -> int:
+        """The peak of active bytes; ``traced_peak`` when the user's full ring buffer hides
+        where the step began."""
         torch.cuda.synchronize(self.device)
         trace = self._trace()
         if self._ours:  # off again, and its entries dropped
@@ -173,7 +169,7 @@ class AllocatorPeak:
             warnings.warn("sentinel: the audit could not read the CUDA allocator's peak "
                           "(your memory history's ring buffer is full): it measures the "
                           "storages it traced only", stacklevel=3)
-            return None
+            return traced_peak
         return active_peak(trace[self._skip:], self._start_bytes)
 
     def _trace(self) -> list[dict[str, Any]]:
@@ -183,7 +179,7 @@ class AllocatorPeak:
 
 
 class CudaTiers:
-    def __init__(self, device: int | None = None) -> None:
+    def __init__(self, device: int | None = None, runtime: HostRuntime | None = None) -> None:
         if not torch.cuda.is_available():
             raise SentinelError("tiers='cuda' needs CUDA, and torch.cuda.is_available() is "
                                 "False here: use tiers='host'")
@@ -192,37 +188,28 @@ class CudaTiers:
         self.access = Access.MIGRATE
         self.moves_gradients = False  # param.grad must stay on the parameter's device
         self.name = f"cuda ({torch.cuda.get_device_name(self.device)}, pinned host memory)"
-        self._arena: torch.Tensor | None = None
+        self._runtime = runtime if runtime is not None else cuda_runtime(self.device)
+        self._arena: PinnedArena | None = None
         self._measured: Hardware | None = None
 
     # -- the protocol --------------------------------------------------------------------------
 
     def reserve(self, nbytes: int) -> None:
-        """NOTE [Pinned arena]: called between steps, with nothing in the slow tier."""
-        nbytes = -(-max(nbytes, 1) // _PAGE) * _PAGE
-        if self._arena is not None and self._arena.numel() >= nbytes:
+        """NOTE [Pinned arena]: called between steps, with nothing in the slow tier; also after
+        `close`."""
+        if self._arena is not None and self._arena.nbytes >= nbytes:
             return
         self._release()
-        block = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
-        start = -block.data_ptr() % _PAGE
-        arena = block[start : start + nbytes]
-        err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
-        if int(err) != 0:
-            raise SentinelError(
-                f"cudaHostRegister of a {nbytes}-byte slow arena failed (CUDA error {int(err)}): "
-                "the host may not let this process pin that much memory (ulimit -l); lower the "
-                "slow tier's share with a larger fast_memory")
-        self._arena = arena
+        self._arena = PinnedArena(nbytes, self._runtime)
 
     def _release(self) -> None:
-        if self._arena is not None:
-            torch.cuda.synchronize(self.device)  # no copy may still use it
-            torch.cuda.cudart().cudaHostUnregister(self._arena.data_ptr())
-            self._arena = None
+        arena, self._arena = self._arena, None
+        if arena is not None:
+            arena.close()  # waits for the device first: no copy may still use it
 
     def slot(self, offset: int, nbytes: int) -> torch.Tensor:
         assert self._arena is not None, "reserve() first"
-        return self._arena[offset : offset + nbytes]
+        return self._arena.tensor[offset : offset + nbytes]
 
     def fast_empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -236,18 +223,21 @@ class CudaTiers:
     def engine(self) -> CudaEngine:
         return CudaEngine(self)
 
-    def allocator_peak(self) -> AllocatorPeak:
+    def meter(self) -> AllocatorPeak:
+        """NOTE [One instrument]: the allocator's peak (NOTE [Allocator peak])."""
         return AllocatorPeak(self.device)
 
     def is_slow(self, storage: torch.UntypedStorage) -> bool:
         arena = self._arena
-        return arena is not None and storage.data_ptr() == arena.untyped_storage().data_ptr()
+        return (arena is not None
+                and storage.data_ptr() == arena.tensor.untyped_storage().data_ptr())
 
     def arena(self) -> torch.Tensor | None:
-        return self._arena
+        return self._arena.tensor if self._arena is not None else None
 
     def close(self) -> None:
-        torch.cuda.synchronize(self.device)
+        """Unpin and free the arena (NOTE [Arena lifetime]); idempotent, and `reserve` works
+        again afterwards."""
         self._release()
 
     def hardware(self) -> Hardware:
