@@ -31,6 +31,18 @@ Known limitations: an optimizer that cannot be streamed brings its gradients
 and state back whole before ``optimizer.step()``; gradients stay in fast
 memory on CUDA; the host tiers' copies share the CPU with compute.
 
+NOTE [One instrument]
+The all-fast peak that budgets are shares of, the budget, and the audits that hold a plan to
+it are read with one instrument: the tiers' `Meter` (``tiers/base.py``). On CUDA that is the
+caching allocator's peak of active bytes, which also holds what no trace sees: the cuBLAS
+workspace, kernel scratch, the allocator's rounding, and whatever was resident before the
+step (NOTE [Allocator peak]); on the host tiers it is the traced storages. The first
+profiled step is metered; what the meter reads beyond the traced peak is the step's
+``overhead_bytes``, which no plan can move: the planner plans the traced storages against the
+budget less that overhead, and an audit's reading less that overhead is what the plan is held
+to. (Before, the all-fast peak came from the trace and the audit from the allocator, and on
+small models "50%" was refused as "112% of the all-fast peak".)
+
 NOTE [Parameter saves]
 Autograd saves parameters (``weight.t()`` for the input's gradient), which
 would keep their fast bytes alive from forward to backward. A save of a
@@ -120,7 +132,6 @@ from sentinel_hm.runtime.schedule import Schedule, StepEvents
 from sentinel_hm.runtime.steady import SteadyStep, eviction_headroom
 from sentinel_hm.sim.replay import SimResult, simulate
 from sentinel_hm.tiers import open_tiers
-from sentinel_hm.tiers.cuda import CudaTiers
 from sentinel_hm.trace.allocation_tracer import AllocationTracer, opaque_to_dynamo
 from sentinel_hm.trace.model import Kind, Phase, Trace
 from sentinel_hm.trace.sharded import (
@@ -159,6 +170,9 @@ class Stats:
     bytes_to_slow: list[int] = field(default_factory=list)
     bytes_to_fast: list[int] = field(default_factory=list)
     audited_peak_fast_bytes: int | None = None
+    # what the tiers' meter reads beyond the traced storages: never moved (NOTE [One
+    # instrument]); budgets, peaks and audits above all include it
+    overhead_bytes: int = 0
     predicted_step_s: float | None = None
     predicted_peak_fast_bytes: int | None = None
     # the fastest plain warm-up step, which predictions are calibrated on: a predicted
@@ -187,6 +201,7 @@ class Stats:
             "bytes_to_slow_per_step": median(self.bytes_to_slow),
             "bytes_to_fast_per_step": median(self.bytes_to_fast),
             "audited_peak_fast_bytes": self.audited_peak_fast_bytes,
+            "overhead_bytes": self.overhead_bytes,
             "predicted_step_s": self.predicted_step_s,
             "predicted_peak_fast_bytes": self.predicted_peak_fast_bytes,
             "plain_step_s": self.plain_step_s,
@@ -238,6 +253,7 @@ class Sentinel:
         self.recompute = recompute
         self._checkpointed = CheckpointedLayers()  # NOTE [Recomputed layers]
         self._peak: int | None = None  # the all-fast peak of the program as the user wrote it
+        self._overhead = 0  # NOTE [One instrument]: metered beyond the traced storages
         self._tune: list[tuple[str, float]] = []  # interval lengths still to try: (label, predicted)
         # the fast tier is where the model lives (GPU memory for a model on a GPU)
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -450,12 +466,15 @@ class Sentinel:
                                   lambda c: tracer.mark_optimizer_chunk(), _nothing,
                                   self._saw_closure)
             chunked.install()
+        meter = self.tiers.meter()  # NOTE [One instrument]
+        meter.start()
         tracer.start()
         try:
             yield
             self._program_ran = True
         finally:
             trace = tracer.stop()
+            metered = meter.stop(trace.peak_bytes)
             for h in handles:
                 h.remove()
             if chunked is not None:
@@ -480,18 +499,19 @@ class Sentinel:
                     clock=events.clock(trace), device=str(self._device)), fixed=fixed)
         if not self._checkpointed:  # the program as written: budgets are shares of its peak
             self._peak = trace.peak_bytes
+            self._overhead = self._stats.overhead_bytes = max(0, metered - trace.peak_bytes)
         peak = self._program_peak
         if self.fast_memory == "min":
             self._budget = min(min_budget(self._ctx, self.policy), peak)
-        else:
-            self._budget = parse_budget(self.fast_memory, peak)
+        else:  # NOTE [One instrument]: the plan holds the traced storages to what is left
+            self._budget = parse_budget(self.fast_memory, self._metered_peak) - self._overhead
         if self._recompute_layers(trace):
             self._phase = "profile"  # NOTE [Recomputed layers]: profiled again, recomputing
             return
         if self.fast_memory == "min" and self._budget >= peak:
             self._stats.note = (
                 f"no plan makes this step's fast-memory peak smaller than its all-fast "
-                f"peak, {format_bytes(peak)}: nothing moves"
+                f"peak, {format_bytes(self._metered_peak)}: nothing moves"
             )
             warnings.warn(f"sentinel: {self._stats.note}", stacklevel=4)
         self._replans = 0
@@ -534,6 +554,12 @@ class Sentinel:
                                if backward is None or op < backward)
         self._stats.held_by_program_bytes = sum(self.trace.storages[sid].nbytes
                                                 for sid in self._held_late)
+
+    @property
+    def _metered_peak(self) -> int:
+        """The all-fast peak as the tiers' meter reads it (NOTE [One instrument]): the one
+        budgets are shares of, and the one stats report."""
+        return self._program_peak + self._overhead
 
     @property
     def _program_peak(self) -> int:
@@ -618,8 +644,9 @@ class Sentinel:
 
     def _check_measured_peak(self) -> None:
         """NOTE [Measured budget]."""
-        measured = self._stats.audited_peak_fast_bytes
-        assert measured is not None and self.trace is not None and self.plan is not None
+        metered = self._stats.audited_peak_fast_bytes
+        assert metered is not None and self.trace is not None and self.plan is not None
+        measured = metered - self._overhead  # what the plan's storages held (One instrument)
         held = self._program_held - self._ctx.fixed
         if measured > self._budget and held:
             # evictions that freed nothing (the program holds those tensors): plan them as
@@ -660,7 +687,8 @@ class Sentinel:
             self._phase = "steady"
             return
         if self.fast_memory == "min" and self._replans == 0:
-            self._budget = self._stats.budget_bytes = self._rounded(measured)
+            self._budget = self._rounded(measured)
+            self._stats.budget_bytes = self._budget + self._overhead
             self._phase = "steady"
             return
         self._replans += 1
@@ -698,9 +726,9 @@ class Sentinel:
     def _refuse(self, measured: int) -> None:
         """The budget asked for is below the smallest plan, which measured ``measured``."""
         assert self.trace is not None and self._refused is not None
-        peak = self._program_peak
-        asked, self._refused = self._refused, None
-        quote = max(self._rounded(measured), min_budget(self._ctx, self.policy))
+        peak = self._metered_peak
+        asked, self._refused = self._refused + self._overhead, None
+        quote = max(self._rounded(measured), min_budget(self._ctx, self.policy)) + self._overhead
         where = explain_min_budget(self._ctx, self.policy).describe("the smallest plan")
         self._restore()
         self._release()
@@ -716,8 +744,8 @@ class Sentinel:
     def _give_up(self, why: str) -> None:
         """NOTE [Measured budget]: everything back in fast memory, later steps run plain."""
         works = min(self._audited_peaks, default=None)
-        works = self._rounded(works) if works is not None else None
-        peak = self._peak or 0
+        works = self._rounded(works) + self._overhead if works is not None else None
+        peak = self._metered_peak if self._peak is not None else 0
         advice = (
             f"the smallest budget measured to work is {format_bytes(works)}"
             f" ({works / peak:.0%} of the all-fast peak): use fast_memory={works} or more"
@@ -759,9 +787,9 @@ class Sentinel:
         schedule = Schedule.build(trace, plan, self._events)
         self.trace, self.plan, self.schedule = trace, plan, schedule
         self.prediction = simulate(trace, plan, hw, cost=ctx.cost)
-        self._stats.budget_bytes = budget
-        self._stats.planned_for_bytes = target
-        self._stats.all_fast_peak_bytes = self._program_peak
+        self._stats.budget_bytes = budget + self._overhead  # NOTE [One instrument]
+        self._stats.planned_for_bytes = target + self._overhead
+        self._stats.all_fast_peak_bytes = self._metered_peak
         self._stats.predicted_step_s = self.prediction.step_s
         self._stats.predicted_peak_fast_bytes = self.prediction.peak_fast_bytes
         self.tiers.reserve(schedule.arena_bytes)
@@ -943,15 +971,12 @@ class Sentinel:
         audit = self._audit_next
         self._audit_next = False
         run.watch_frees = audit
-        tracer = meter = None
+        tracer = None
+        meter = self.tiers.meter()  # NOTE [One instrument]
         if audit:
             self.mover.drain()
             self.mover.synchronous = True
-            # NOTE [Allocator peak]: on a GPU the allocator's own peak, the user's peak
-            # statistics untouched
-            if isinstance(self.tiers, CudaTiers):
-                meter = self.tiers.allocator_peak()
-                meter.start()
+            meter.start()
             tracer = self._tracer(track_saved=False)
             arena = self.tiers.arena()
             tracer.start()
@@ -1006,14 +1031,13 @@ class Sentinel:
             self._audit_trace_fresh = True
             curve = fast_bytes_curve(self._audit_trace)
             traced = max(curve, default=0)
-            measured = traced
-            if meter is not None:
-                measured = max(measured, meter.stop() or 0)
-            self._stats.audited_peak_fast_bytes = measured
+            metered = max(meter.stop(traced), traced)
+            self._stats.audited_peak_fast_bytes = metered
+            measured = metered - self._overhead  # the plan's storages (NOTE [One instrument])
             self._audited_peaks.append(measured)
             if run.mismatch is None:
                 self._headroom = eviction_headroom(run.ticks, curve, self._budget,
-                                                   measured - traced)
+                                                   max(0, measured - traced))
         self._program_held |= run.program_held
         if run.freed_late:  # found by audited steps only
             self._note_held_late(run.freed_late)

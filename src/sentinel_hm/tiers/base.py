@@ -15,7 +15,14 @@ What an engine promises, which is what two CUDA side streams give:
    its ``after`` copy. Copies toward one tier complete in submission order; the
    two directions are independent, and the host runs ahead of both.
 2. ``dst`` and ``src`` stay valid until the copy is done: their memory is not
-   reused meanwhile, even after the runtime and the program drop them.
+   reused meanwhile, even after the runtime and the program drop them. What an
+   engine keeps for that beyond the program's own references is let go no
+   later than when the host sees the copy done (`Completion.done` returns
+   True, `Completion.wait` or `drain` returns), and a destination in the fast
+   tier no later than `compute_wait` on its copy: the fast bytes a dropped
+   buffer holds are then those of evictions not yet seen done, which the mover
+   counts (NOTE [Evictions in flight]). Nothing may keep a dropped buffer until
+   some later copy is done (CUDA's ``record_stream`` does: NOTE [CUDA copies]).
 3. `compute_wait` orders the compute issued from then on after a copy: a CPU
    engine blocks the host (the host is the compute), a device engine makes the
    compute stream wait and the host goes on. What the host itself reads (a
@@ -68,6 +75,30 @@ class CopyEngine(Protocol):
         """Drain, then release threads or streams."""
 
 
+class Meter(Protocol):
+    """Measures the fast tier's peak over a region of the program (NOTE [One instrument] in
+    ``runtime/manager.py``)."""
+
+    def start(self) -> None:
+        """The region begins."""
+
+    def stop(self, traced_peak: int) -> int:
+        """The peak of fast-memory bytes since `start`, as this instrument reads it;
+        ``traced_peak`` is the traced storages' peak over the region, which an instrument that
+        sees nothing more reports as it is."""
+
+
+class TracedMeter:
+    """The instrument of tiers whose fast memory holds nothing but the traced storages (the
+    host's): the traced peak itself."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, traced_peak: int) -> int:
+        return traced_peak
+
+
 class Tiers(Protocol):
     name: str
     access: Access
@@ -93,6 +124,10 @@ class Tiers(Protocol):
 
     def arena(self) -> torch.Tensor | None:
         """The slow arena, for audits (None before `reserve`)."""
+
+    def meter(self) -> Meter:
+        """The instrument that measures the fast tier's peak: budgets, the all-fast peak
+        and audits all read it (NOTE [One instrument])."""
 
     def hardware(self) -> Hardware:
         """This machine's tiers as a hardware model, with bandwidths measured here."""

@@ -27,6 +27,7 @@ import torch
 from sentinel_hm.core.hardware import Access, Hardware
 from sentinel_hm.core.presets import PRESETS
 from sentinel_hm.errors import SentinelError
+from sentinel_hm.tiers.base import Meter, TracedMeter
 from sentinel_hm.tiers.threads import ThreadEngine
 
 _PROBE_BYTES = 32 << 20
@@ -74,6 +75,9 @@ class HostTiers:
 
     def arena(self) -> torch.Tensor | None:
         return self._arena
+
+    def meter(self) -> Meter:
+        return TracedMeter()
 
     def hardware(self) -> Hardware:
         """The ``host`` preset with this machine's copy bandwidth, measured once."""
