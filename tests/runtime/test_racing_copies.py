@@ -23,7 +23,7 @@ from sentinel_hm.core.plan import Tier
 from sentinel_hm.runtime.mover import Mover
 from sentinel_hm.runtime.residency import HeldEntry, SavedEntry
 
-from .racing_tiers import RacingEngine, RacingTiers
+from .racing_tiers import CUDA_REUSE, RacingEngine, RacingTiers, Sweeping
 from .test_everything_moves import OPTIMIZERS, _tied
 from .test_everything_moves import _train as train_all
 from .test_sentinel import CONFIGS, assert_same, assert_steady_within_budget, train
@@ -459,4 +459,69 @@ def test_evictions_in_flight_keep_a_steady_step_within_its_budget(racing, monkey
     monkeypatch.setattr(Mover, "bound_evictions", lambda self, limit: None)
     unbounded = _traced_steady_peak(sentinel, run_step)
     assert unbounded > stats["budget_bytes"], (unbounded, stats["budget_bytes"])
+    sentinel.close()
+
+
+# -- when freed fast memory is reusable (NOTE [CUDA copies]; issue 22, item 5) --------------------
+
+
+def _steady(racing, name: str, budget: str, **options) -> tuple[sh.Sentinel, object, RacingEngine]:
+    made = racing(**options)
+    torch.manual_seed(0)
+    wl = CONFIGS[name](0)
+    sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory=budget, trials=0)
+
+    def run_step() -> None:
+        wl.model(*wl.make_batch()).backward()
+        wl.optimizer.step()
+        wl.optimizer.zero_grad()
+
+    while sentinel.stats()["phase"] != "steady":
+        with sentinel.step():
+            run_step()
+    for _ in range(2):
+        with sentinel.step():
+            run_step()
+    return sentinel, run_step, _engine(made)
+
+
+def _asynchronous_audit(sentinel: sh.Sentinel, run_step, engine: RacingEngine) -> int:
+    """The fast-tier peak of one steady, asynchronous step, blocks that were freed but are not
+    reusable yet included (the engine keeps them; `Sweeping` lets go of them at the first op
+    where an allocator could reuse them)."""
+    with Sweeping(engine):
+        return _traced_steady_peak(sentinel, run_step)
+
+
+BOTH_WAYS_SLOW = lambda rng, to: rng.uniform(2e-3, 6e-3)  # noqa: E731
+
+
+@pytest.mark.parametrize(("name", "budget"), [("gpt", "min"), ("cnn", "50%")])
+def test_a_steady_step_stays_within_budget_as_cuda_frees_fast_memory(racing, name, budget):
+    """The engine frees fast memory as `CudaEngine` does (``CUDA_REUSE``), both directions
+    copying slowly, so that copies queue on each lane while the program drops the buffers
+    they used: the asynchronous step's peak, blocks not yet reusable included, is within the
+    budget."""
+    sentinel, run_step, engine = _steady(racing, name, budget, delay=BOTH_WAYS_SLOW,
+                                         reuse=CUDA_REUSE)
+    peak = _asynchronous_audit(sentinel, run_step, engine)
+    stats = sentinel.stats()
+    assert stats["phase"] == "steady" and not stats["mismatches"]
+    assert stats["bytes_to_slow_per_step"] > 0 and stats["bytes_to_fast_per_step"] > 0
+    assert engine.host_ahead > 0
+    assert peak <= stats["budget_bytes"], (peak, stats["budget_bytes"], vars(engine))
+    sentinel.close()
+
+
+@pytest.mark.parametrize(("name", "budget"), [("gpt", "min"), ("cnn", "50%")])
+def test_record_stream_keeps_freed_blocks_past_any_bound(racing, name, budget):
+    """Why `CudaEngine` no longer calls ``record_stream``: a block the program drops is reusable
+    only once its lane has passed every copy queued before the drop, a moment the host never
+    sees; the same steady step then holds more than its budget."""
+    sentinel, run_step, engine = _steady(racing, name, budget, delay=BOTH_WAYS_SLOW,
+                                         reuse="record_stream")
+    peak = _asynchronous_audit(sentinel, run_step, engine)
+    budget_bytes = sentinel.stats()["budget_bytes"]
+    assert engine.peak_unreusable > 0
+    assert peak > budget_bytes, (peak, budget_bytes, engine.peak_unreusable)
     sentinel.close()

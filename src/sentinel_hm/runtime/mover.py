@@ -8,16 +8,26 @@ finished; the seconds the host blocks for that are the stall.
 that a tracer sees every copy).
 
 NOTE [Evictions in flight]
-An eviction's fast bytes are free only when its copy has read them (the
-engine keeps them until then, and a device allocator cannot reuse them
-sooner). An audited step copies synchronously, so its measured peak has no
-eviction in flight; a steady step lets the host run ahead of its copies, and
-each eviction not yet done adds its bytes to what the audit saw. The runtime
+An eviction's fast bytes are free only when its copy has read them: the
+engine keeps them until the host sees the copy done, and lets them go then
+(NOTE [Copy engine], promise 2), which is when the mover stops counting them.
+An audited step copies synchronously, so its measured peak has no eviction in
+flight; a steady step lets the host run ahead of its copies, and each
+eviction not yet seen done adds its bytes to what the audit saw. The runtime
 therefore bounds those bytes at each clock event by the headroom the audit
 left there (the budget minus the audited peak until the next event), and the
 host waits, counted as stall, for the oldest evictions until they fit. A
 steady step then holds at most what its audit measured plus that headroom:
 the budget.
+
+Copies toward the fast tier need no count: the engine lets a prefetch's
+destination go by the time the compute waits for it (promise 2), which is
+before the program can use, and so drop, it; it then dies where it died in
+the audit. (The one exception, a prefetch the runtime drops unused, happens
+only when a step stops matching its plan.) What no bound on the host could
+count is a block kept until its lane has passed every copy queued before the
+program dropped it, CUDA's ``record_stream``: `CudaEngine` does not use it
+(NOTE [CUDA copies]); ``tests/runtime/test_racing_copies.py`` replays both.
 """
 
 from __future__ import annotations
@@ -57,9 +67,9 @@ class Mover:
         return copy
 
     def evictions_in_flight(self) -> int:
-        """Bytes of the evictions whose copies have not finished (NOTE [Evictions in flight]).
-        Copies toward one tier finish in submission order (NOTE [Copy engine]), so the done
-        ones are at the front."""
+        """Bytes of the evictions not yet seen done (NOTE [Evictions in flight]); seeing one
+        done lets the engine free its source. Copies toward one tier finish in submission
+        order (NOTE [Copy engine]), so the done ones are at the front."""
         pending = self._evictions
         while pending and pending[0][0].done():
             self._eviction_bytes -= pending.popleft()[1]

@@ -7,12 +7,25 @@ threads: the compute thread enqueues each copy when the plan issues it, after
 making the side stream wait for the compute stream (the data is produced
 there) and for the copy it must follow. A copy's completion is a CUDA event;
 an op that needs the data makes the compute stream wait for that event, so
-the host never blocks in the steady state. Memory read or written by a copy
-stays valid until the copy ends: ``record_stream`` tells the caching
-allocator not to reuse a device block before the side stream's work on it is
-done (so an evicted tensor can be dropped at once), and the pinned block
-lives as long as the tiers. The host reads pinned memory (a checkpoint between
-steps) only after `CudaEngine.drain`, which synchronises the side streams.
+the host never blocks in the steady state.
+
+Memory a copy reads or writes stays valid until the copy ends. The pinned
+block stays registered and allocated until the tiers are closed or dropped
+(NOTE [Arena lifetime]), which first waits for the device. A copy's fast-side buffer (an eviction's
+source, a prefetch's destination) is held by its `CudaCompletion`, a host
+reference, until the host sees the copy's event done (`CudaCompletion.done`,
+`wait`, `drain`, or the engine's own poll of its oldest copies at each
+submit); a prefetch's destination is let go sooner, when the compute stream
+it was allocated on waits for the copy (every later reuse of the block by that
+stream is then ordered after the copy). So a block the program drops is freed
+exactly when its own copy is seen done, a moment the runtime sees too: the
+mover counts evictions until then (NOTE [Evictions in flight]). It used to be
+``record_stream``, which keeps a dropped block until the side stream passes
+the point where the host dropped it, after every copy queued by then, not just
+the block's own: blocks the host never accounted for, and steady steps over
+their budget on an H200 (``tests/runtime/test_racing_copies.py`` replays both
+on CPU). The host reads pinned memory (a checkpoint between steps) only after
+`CudaEngine.drain`, which synchronises the side streams.
 
 NOTE [Pinned arena] and NOTE [Arena lifetime] are in ``tiers/pinned_arena.py``:
 the slow tier is one page-aligned host block registered with CUDA, unregistered
@@ -26,8 +39,9 @@ allocator records every allocation and every completed free (recording
 switched on for the step if the user does not record already; without stack
 traces it costs about 2 us an event), and the peak is the active bytes at the
 start plus the highest running sum. Active bytes count a freed block until
-the side stream that copies from it is done with it (``record_stream``),
-which allocated bytes do not. If the user records history in a ring buffer
+every stream recorded on it (``record_stream``, if the program or a library
+calls it) is done with it, which allocated bytes do not; the copy engine's own
+blocks are held, so both count them (NOTE [CUDA copies]). If the user records history in a ring buffer
 that is already full, the step cannot be told apart, and the audit measures
 traced storages only, with a warning.
 
@@ -40,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -56,18 +71,28 @@ _PROBE_BYTES = 64 << 20
 
 
 class CudaCompletion:
-    """A copy on a side stream: done when its event is."""
+    """A copy on a side stream: done when its event is. Holds the copy's fast-side buffer
+    until it is seen done (NOTE [CUDA copies])."""
 
-    __slots__ = ("event",)
+    __slots__ = ("event", "keep", "seen", "stream", "to")
 
-    def __init__(self, event: torch.cuda.Event) -> None:
+    def __init__(self, to: Tier, event: torch.cuda.Event, keep: torch.Tensor,
+                 stream: torch.cuda.Stream) -> None:
+        self.to = to
         self.event = event
+        self.keep: torch.Tensor | None = keep
+        self.stream = stream  # the compute stream when the copy was submitted
+        self.seen = False
 
     def done(self) -> bool:
-        return bool(self.event.query())
+        if not self.seen and self.event.query():
+            self.seen, self.keep = True, None
+        return self.seen
 
     def wait(self) -> None:
-        self.event.synchronize()
+        if not self.seen:
+            self.event.synchronize()
+            self.seen, self.keep = True, None
 
 
 class CudaEngine:
@@ -78,33 +103,54 @@ class CudaEngine:
         self.device = tiers.device  # the model's GPU, not whichever is current
         self.streams = {Tier.SLOW: torch.cuda.Stream(self.device),
                         Tier.FAST: torch.cuda.Stream(self.device)}
+        # copies not yet seen done, oldest first per direction (they finish in that order)
+        self._pending: dict[Tier, deque[CudaCompletion]] = {to: deque() for to in Tier}
 
     def submit(self, to: Tier, dst: torch.Tensor, src: torch.Tensor,
                after: Completion | None = None) -> CudaCompletion:
+        self._poll()
         side = self.streams[to]
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        compute = torch.cuda.current_stream(self.device)
+        side.wait_stream(compute)
         if after is not None:
             side.wait_event(_event(after))
         with torch.cuda.stream(side):
             self.tiers.copy(dst, src)  # looked up on the tiers: the GPU tests slow it down
         event = torch.cuda.Event()
         event.record(side)
-        for t in (dst, src):
-            if t.is_cuda:  # not reused by the compute stream before the copy is done
-                t.record_stream(side)
-        return CudaCompletion(event)
+        # no record_stream: the completion holds the fast side until seen done
+        copy = CudaCompletion(to, event, src if to is Tier.SLOW else dst, compute)
+        self._pending[to].append(copy)
+        return copy
 
     def compute_wait(self, copy: Completion) -> float:
         """The compute stream waits for the copy's event; the host does not block."""
-        torch.cuda.current_stream(self.device).wait_event(_event(copy))
+        stream = torch.cuda.current_stream(self.device)
+        event = _event(copy)
+        stream.wait_event(event)
+        assert isinstance(copy, CudaCompletion)
+        if copy.to is Tier.FAST and stream == copy.stream:
+            # a prefetch's block was allocated on this stream (`SavedEntry.prefetch`): every
+            # reuse of it now follows the copy
+            copy.keep = None
         return 0.0
 
     def compute_copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         self.tiers.copy(dst, src)  # on the current (compute) stream
 
+    def _poll(self) -> None:
+        """Let go of the buffers of the oldest copies that are done (NOTE [CUDA copies])."""
+        for pending in self._pending.values():
+            while pending and pending[0].done():
+                pending.popleft()
+
     def drain(self) -> None:
         for stream in self.streams.values():
             stream.synchronize()
+        for pending in self._pending.values():
+            for copy in pending:
+                copy.seen, copy.keep = True, None
+            pending.clear()
 
     def close(self) -> None:
         self.drain()
