@@ -3,8 +3,8 @@
     PYTHONPATH=src python3 benchmarks/bench_gpu.py [--quick] [--steps N] [--workloads gpt,cnn]
 
 Workloads: the reference GPT (bf16 autocast, PyTorch's fused attention), its
-batch doubled while plain training peaks under half of the GPU's memory (1/16 in
-quick mode), and the reference CNN, its ``AdaptiveAvgPool2d(1)`` replaced by a
+batch doubled while plain training peaks under half of the GPU's memory (4 in
+quick mode, 4 layers x 1024), and the reference CNN, its ``AdaptiveAvgPool2d(1)`` replaced by a
 mean over the image (the same values; that layer's CUDA backward has no
 deterministic kernel).
 
@@ -47,6 +47,11 @@ each direction of the link. Bandwidths are measured here, the fastest of several
 256 MiB pinned copies, so the bound holds. Also given: the copy time of the
 bytes the plan actually moved.
 
+Quick mode (scripts/gpu_check.sh) keeps to about a minute: ``trials=1`` (each trial is one
+more step), a row stops before a step that would take it past ``--row-limit-s`` (20 s; a
+step still running 15 s later is interrupted), rows not started within ``--time-limit-s``
+(60 s) fail as not run.
+
 Writes benchmarks/results/gpu_<device>_<quick|full>_<date>.md and .json,
 rewritten after every row (a run cut short keeps what it measured). Exit status:
 0 every row passed, 1 a row failed, 2 no CUDA.
@@ -61,6 +66,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import sys
 import time
@@ -77,7 +83,8 @@ from torch.utils.checkpoint import checkpoint
 
 from _common import RESULTS, environment, write_results
 
-TRIALS = 3  # Sentinel's test-and-trial steps (its default)
+TRIALS = 3  # Sentinel's test-and-trial steps (its default; --trials, 1 in quick mode)
+GRACE_S = 15.0  # a step still running this long after its row's limit is interrupted
 PLAIN_WARMUP = 2  # untimed first steps of the other modes
 MAX_BATCH = 64
 PEAK_SHARE = {True: 1 / 16, False: 1 / 2}  # quick / full: plain GPT peak as a share of memory
@@ -106,11 +113,41 @@ def modes(quick: bool) -> list[Mode]:
             *(Mode(f"sentinel@{b}", b) for b in budgets)]
 
 
-def steps_to_steady() -> int:
-    """The most steps Sentinel takes before its first steady step."""
+def steps_to_steady(trials: int = TRIALS) -> int:
+    """The most steps Sentinel takes before its first steady step: warm-up, the profiled step
+    and its second profile when it recomputes layers, the trials, the audited trial step and
+    its re-plans."""
     from sentinel_hm.runtime.manager import MAX_REPLANS, WARMUP_STEPS
 
-    return WARMUP_STEPS + 1 + TRIALS + 1 + MAX_REPLANS
+    return WARMUP_STEPS + 2 + trials + 1 + MAX_REPLANS
+
+
+class RowTimeout(Exception):
+    """A row ran past its time limit."""
+
+
+@contextlib.contextmanager
+def interrupt_after(seconds: float) -> Iterator[None]:
+    """Raise `RowTimeout` in the main thread once ``seconds`` have passed (a step that hangs
+    or crawls); off again when the block ends."""
+    def fire(*_: Any) -> None:
+        raise RowTimeout(f"a step was still running {seconds:.0f} s into its row: interrupted")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def check_time(began: float, last: float, limit_s: float, done: int, total: int) -> None:
+    """Raise `RowTimeout` if the next step (as long as the last) would end past the limit."""
+    spent = time.perf_counter() - began
+    if spent + last > limit_s:
+        raise RowTimeout(f"out of time: {done} of {total} steps in {spent:.1f} s (row limit "
+                         f"{limit_s:.0f} s, last step {last:.1f} s)")
 
 
 def device_slug(device: torch.device | None = None) -> str:
@@ -142,7 +179,7 @@ def gpt_workload(batch: int, quick: bool, device: torch.device) -> Any:
     from sentinel_hm.workloads import gpt
 
     cfg = gpt.GPTConfig(vocab_size=32768, seq_len=1024, d_model=1024 if quick else 2048,
-                        n_layers=8 if quick else 16, n_heads=16, dropout=0.1, batch_size=batch)
+                        n_layers=4 if quick else 16, n_heads=16, dropout=0.1, batch_size=batch)
     torch.manual_seed(0)  # the GPU's generator too: every mode draws the same dropout masks
     return _on_gpu(gpt.from_config(cfg, 0), device)
 
@@ -250,13 +287,15 @@ class Run:
 
 
 def run_mode(make: Callable[[], Any], mode: Mode, total_steps: int,
-             device: torch.device) -> Run:
+             device: torch.device, trials: int = TRIALS, limit_s: float = math.inf) -> Run:
     import sentinel_hm as sh
 
     row: dict[str, Any] = {"mode": mode.name, "sentinel": mode.sentinel,
                            "fast_memory": mode.fast_memory, "policy": mode.policy,
-                           "steps": total_steps}
+                           "steps": total_steps, "limit_s": limit_s}
     run = Run(row)
+    began = time.perf_counter()
+    last = 0.0
     wl = sentinel = None
     losses: list[torch.Tensor] = []
     times: list[float] = []
@@ -265,43 +304,46 @@ def run_mode(make: Callable[[], Any], mode: Mode, total_steps: int,
     phases: list[str] = []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     try:
-        wl = make()
-        if mode.sentinel:
-            sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory=mode.fast_memory,
-                                   tiers="cuda", policy=mode.policy, trials=TRIALS)
-        for i in range(total_steps):
-            before = sentinel.stats()["phase"] if sentinel is not None else None
-            counted = len(sentinel.steady_step_times) if sentinel is not None else 0
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            start.record()
-            losses.append(one_step(wl, mode, sentinel))
-            end.record()
-            torch.cuda.synchronize(device)
-            wall = time.perf_counter() - t0
-            if sentinel is None:
-                steady = i >= PLAIN_WARMUP
-            else:
-                after = sentinel.stats()["phase"]
-                phases.append(after)
-                steady = (before == after == "steady"
-                          and len(sentinel.steady_step_times) > counted)
-            if steady:
-                times.append(wall)
-                device_times.append(start.elapsed_time(end) / 1e3)
-                # active bytes: blocks a side stream still copies from count too
-                peaks.append(torch.cuda.memory_stats(device)["active_bytes.all.peak"])
-        run.losses = torch.stack(losses).float().cpu()
-        if sentinel is not None:
-            stats = sentinel.stats()
-            row["stats"] = {k: stats.get(k) for k in STATS_KEYS}
-            row["trials"] = stats.get("trials")
-            s, sentinel = sentinel, None
-            s.close()  # everything back on the GPU: the parameters as training left them
-        run.params = [p.detach().cpu() for p in wl.model.parameters()]
+        with interrupt_after(limit_s + GRACE_S):
+            wl = make()
+            if mode.sentinel:
+                sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory=mode.fast_memory,
+                                       tiers="cuda", policy=mode.policy, trials=trials)
+            for i in range(total_steps):
+                check_time(began, last, limit_s, i, total_steps)
+                before = sentinel.stats()["phase"] if sentinel is not None else None
+                counted = len(sentinel.steady_step_times) if sentinel is not None else 0
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                start.record()
+                losses.append(one_step(wl, mode, sentinel))
+                end.record()
+                torch.cuda.synchronize(device)
+                wall = last = time.perf_counter() - t0
+                if sentinel is None:
+                    steady = i >= PLAIN_WARMUP
+                else:
+                    after = sentinel.stats()["phase"]
+                    phases.append(after)
+                    steady = (before == after == "steady"
+                              and len(sentinel.steady_step_times) > counted)
+                if steady:
+                    times.append(wall)
+                    device_times.append(start.elapsed_time(end) / 1e3)
+                    # active bytes: blocks a side stream still copies from count too
+                    peaks.append(torch.cuda.memory_stats(device)["active_bytes.all.peak"])
+            run.losses = torch.stack(losses).float().cpu()
+            if sentinel is not None:
+                stats = sentinel.stats()
+                row["stats"] = {k: stats.get(k) for k in STATS_KEYS}
+                row["trials"] = stats.get("trials")
+                s, sentinel = sentinel, None
+                s.close()  # everything back on the GPU: the parameters as training left them
+            run.params = [p.detach().cpu() for p in wl.model.parameters()]
     except Exception as e:  # a failed row is reported, then fails the run
-        traceback.print_exc()
+        if not isinstance(e, RowTimeout):
+            traceback.print_exc()
         row["error"] = _one_line(e)
         if sentinel is not None:
             with contextlib.suppress(Exception):
@@ -312,7 +354,8 @@ def run_mode(make: Callable[[], Any], mode: Mode, total_steps: int,
                 sentinel.close()
         del wl, sentinel
         _free()
-    row.update(phases=phases, steady_steps=len(times), step_s=times)
+    row.update(phases=phases, steady_steps=len(times), step_s=times,
+               row_s=time.perf_counter() - began)
     if times:
         row.update(median_step_s=statistics.median(times),
                    median_device_step_s=statistics.median(device_times), peak_bytes=max(peaks))
@@ -402,7 +445,12 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], done: bool) -> list[
              f"links: h2d {env['h2d_bytes_per_s'] / 1e9:.1f} GB/s, d2h "
              f"{env['d2h_bytes_per_s'] / 1e9:.1f} GB/s; GPT batch {env['gpt_batch']}, CNN batch "
              f"{env['cnn_batch']}; {env['total_steps']} steps per mode, at least "
-             f"{env['need_steady']} timed steady steps per Sentinel row.", "",
+             f"{env['need_steady']} timed steady steps per Sentinel row; Sentinel with "
+             f"trials={env.get('trials', TRIALS)}"
+             + (" (its default is 3: fewer steps)" if env.get("trials", TRIALS) != 3 else "")
+             + (f"; row limit {env['row_limit_s']:.0f} s, run limit "
+                f"{env['time_limit_s']:.0f} s" if math.isfinite(env.get("row_limit_s", math.inf))
+                else "") + ".", "",
              "Step: median wall time of the timed steady steps (n), synchronised at step "
              "boundaries; peak: the largest peak of the allocator's active bytes over them. Budget and moved "
              "bytes from `Sentinel.stats()`. Lower bound: max(plain step, forced bytes over "
@@ -447,6 +495,17 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None,
                    help="timed steady steps per mode (default 3 quick, 8 full)")
     p.add_argument("--workloads", default="gpt,cnn")
+    p.add_argument("--trials", type=int, default=None,
+                   help="Sentinel's trials (default: 1 quick, to keep it short; 3, its default, "
+                        "in full)")
+    p.add_argument("--gpt-batch", type=int, default=None,
+                   help="the GPT's batch (default: 4 quick; in full, doubled while plain "
+                        "training peaks under half of the GPU's memory)")
+    p.add_argument("--row-limit-s", type=float, default=None,
+                   help="seconds a row may take (default: 20 quick, none in full)")
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help="rows not started within this many seconds of the start fail as not "
+                        "run (default: 60 quick, none in full)")
     p.add_argument("--nondeterministic", action="store_true",
                    help="allow nondeterministic kernels (faster); bitwise is then not required")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -463,9 +522,13 @@ def main() -> int:
         torch.backends.cudnn.deterministic = True
         torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
+    started = time.perf_counter()
     device = torch.device("cuda", torch.cuda.current_device())
     need_steady = args.steps if args.steps is not None else (3 if args.quick else 8)
-    total_steps = steps_to_steady() + need_steady
+    trials = args.trials if args.trials is not None else (1 if args.quick else TRIALS)
+    total_steps = steps_to_steady(trials) + need_steady
+    row_limit = args.row_limit_s or (20.0 if args.quick else math.inf)
+    time_limit = args.time_limit_s or (60.0 if args.quick else math.inf)
     names = args.workloads.split(",")
     unknown = set(names) - {"gpt", "cnn"}
     if unknown:
@@ -473,8 +536,9 @@ def main() -> int:
 
     link = measure_link(device)
     total = torch.cuda.get_device_properties(device).total_memory
-    batch = 1
-    if "gpt" in names:  # double while plain's peak stays under the share of memory
+    batch = args.gpt_batch or (4 if args.quick else 1)
+    if "gpt" in names and not (args.quick or args.gpt_batch):
+        # double while plain's peak stays under the share of memory
         while batch < MAX_BATCH:
             print(f"gpt: sizing, batch {batch * 2}...", file=sys.stderr, flush=True)
             try:
@@ -489,7 +553,8 @@ def main() -> int:
     env = environment(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                       total_memory_bytes=total, quick=args.quick, deterministic=deterministic,
                       gpt_batch=batch, cnn_batch=cnn_batch, total_steps=total_steps,
-                      need_steady=need_steady, **link)
+                      need_steady=need_steady, trials=trials, row_limit_s=row_limit,
+                      time_limit_s=time_limit, **link)
     stem = f"gpu_{device_slug(device)}_{'quick' if args.quick else 'full'}_{env['day']}"
     makers: dict[str, Callable[[], Any]] = {
         "gpt": lambda: gpt_workload(batch, args.quick, device),
@@ -510,8 +575,17 @@ def main() -> int:
     for name in names:
         plain: Run | None = None
         for mode in modes(args.quick):
-            print(f"{name} {mode.name}...", file=sys.stderr, flush=True)
-            run = run_mode(makers[name], mode, total_steps, device)
+            left = time_limit - (time.perf_counter() - started)
+            if left < 1:
+                run = Run({"mode": mode.name, "sentinel": mode.sentinel, "phases": [],
+                           "steady_steps": 0, "step_s": [],
+                           "error": f"not run: the run's {time_limit:.0f} s were spent"})
+            else:
+                print(f"{name} {mode.name}...", file=sys.stderr, flush=True)
+                run = run_mode(makers[name], mode, total_steps, device, trials,
+                               min(row_limit, left))
+                print(f"{name} {mode.name}: {run.row['row_s']:.1f} s", file=sys.stderr,
+                      flush=True)
             if mode.name == "plain":
                 plain = run
             else:
@@ -523,7 +597,8 @@ def main() -> int:
             save(done=False)
     save(done=True)
     failed = [f"{r['workload']} {r['mode']}" for r in rows if r["failures"]]
-    print(f"bench_gpu: {stem}.md/.json in {args.out_dir}; "
+    print(f"bench_gpu: {stem}.md/.json in {args.out_dir}, "
+          f"{time.perf_counter() - started:.0f} s; "
           + (f"FAILED: {', '.join(failed)}" if failed else f"all {len(rows)} rows passed"),
           file=sys.stderr)
     return 1 if failed else 0

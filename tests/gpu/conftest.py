@@ -1,4 +1,5 @@
-"""Deterministic CUDA for the GPU tests, so that a bitwise difference is Sentinel's.
+"""Deterministic CUDA for the GPU tests, so that a bitwise difference is Sentinel's; the
+GPU's memory released after each test.
 
 cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when it starts, so it is set here, when
 pytest collects this directory, before any test runs a kernel (scripts/gpu_check.sh
@@ -9,6 +10,7 @@ avoid such ops instead of hiding them.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -33,3 +35,14 @@ def _deterministic_cuda():
     yield
     torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    """What a test left (a failed one's frames are gone by teardown) is freed before the next,
+    so that the allocator's peaks in one test are that test's own."""
+    yield
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()

@@ -9,8 +9,7 @@ algorithms under ``torch.use_deterministic_algorithms(True)``), batch and layer
 norms, elementwise ops, softmax, dropout (Philox: the same masks for the same
 seed and call order) and plain reductions. The loss is cross-entropy against
 one-hot targets made on the CPU: no gather, scatter or index op on the GPU.
-Layers are small (low arithmetic density): copies and frees race with short
-kernels.
+Sized so that all-fast peaks are at least 1 GiB (see ``GPT`` and ``CNN``).
 """
 
 from __future__ import annotations
@@ -106,15 +105,23 @@ class MeanPoolResNet(nn.Module):
         return soft_cross_entropy(self.fc(self.blocks(self.stem(images)).mean((2, 3))), targets)
 
 
-def make(name: str, dropout: float = 0.1) -> Workload:
-    """``gpt`` or ``cnn`` on the current GPU; parameters from seed 0, batches from a private
-    CPU generator (the same sequence in every run), copied to the GPU."""
+# Sizes: all-fast peaks of at least 1 GiB (GPT about 1.6 GiB, CNN about 1.4 GiB, traced on
+# the CPU), so that the fixed overheads of CUDA (cuBLAS workspaces, the allocator's rounding,
+# tens of MiB) no longer dominate a budget; steps stay short on an H100/H200 (tens of ms).
+GPT = dict(batch=8, seq=512, features=64, d=256, layers=6, heads=8, classes=256)
+CNN = dict(batch=160, image=64, widths=(32, 64, 128), classes=10)
+
+
+def make(name: str, dropout: float = 0.1, device: str = "cuda") -> Workload:
+    """``gpt`` or ``cnn`` on ``device`` (the current GPU); parameters from seed 0, batches from
+    a private CPU generator (the same sequence in every run), copied to the device."""
     torch.manual_seed(0)  # seeds the GPU's generator too: dropout draws the same masks
     gen = torch.Generator().manual_seed(0)
     if name == "gpt":
-        batch, seq, features, classes = 16, 128, 32, 64
-        model: nn.Module = DenseGPT(features, seq, d=64, layers=4, heads=4, classes=classes,
-                                    dropout=dropout)
+        g = GPT
+        batch, seq, features, classes = g["batch"], g["seq"], g["features"], g["classes"]
+        model: nn.Module = DenseGPT(features, seq, d=g["d"], layers=g["layers"],
+                                    heads=g["heads"], classes=classes, dropout=dropout)
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
         def cpu_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,19 +129,20 @@ def make(name: str, dropout: float = 0.1) -> Workload:
             labels = torch.randint(classes, (batch, seq), generator=gen)
             return x, F.one_hot(labels, classes).float()
     elif name == "cnn":
-        batch, classes = 32, 10
-        model = MeanPoolResNet((16, 32), classes)
+        c = CNN
+        batch, image, classes = c["batch"], c["image"], c["classes"]
+        model = MeanPoolResNet(c["widths"], classes)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
         def cpu_batch() -> tuple[torch.Tensor, torch.Tensor]:
-            images = torch.randn(batch, 3, 32, 32, generator=gen)
+            images = torch.randn(batch, 3, image, image, generator=gen)
             labels = torch.randint(classes, (batch,), generator=gen)
             return images, F.one_hot(labels, classes).float()
     else:
         raise ValueError(f"unknown test workload {name!r}: use 'gpt' or 'cnn'")
-    model.cuda()  # parameters keep their identity: the optimizer still holds them
+    model.to(device)  # parameters keep their identity: the optimizer still holds them
 
     def make_batch() -> tuple[torch.Tensor, ...]:
-        return tuple(t.cuda() for t in cpu_batch())
+        return tuple(t.to(device) for t in cpu_batch())
 
     return Workload(name, model, optimizer, make_batch)
