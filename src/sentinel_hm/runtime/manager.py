@@ -117,6 +117,7 @@ from sentinel_hm.core.plan import Plan, Tier
 from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.planner import context, explain_min_budget, make_plan, min_budget
 from sentinel_hm.planning.policies.sentinel import parse_interval_label
+from sentinel_hm.runtime import fsdp
 from sentinel_hm.runtime.chunked_optimizer import (
     ChunkedStep,
     param_chunks,
@@ -139,7 +140,6 @@ from sentinel_hm.trace.sharded import (
     has_sharded_parameters,
     is_sharded,
     local_tensor,
-    with_local,
 )
 from sentinel_hm.trace.tracer import Tracer
 from sentinel_hm.units import format_bytes, parse_budget
@@ -248,7 +248,7 @@ class Sentinel:
                 "sharded by FSDP2 (fully_shard): Sentinel does not run the two together yet; "
                 "give it the uncompiled model (compiled._orig_mod), or train without Sentinel")
         if self._sharded:
-            _refuse_fsdp_offload(model)
+            fsdp.refuse_offload(model)
         self.trials = trials
         self.recompute = recompute
         self._checkpointed = CheckpointedLayers()  # NOTE [Recomputed layers]
@@ -801,10 +801,10 @@ class Sentinel:
         self._param_sid = {}
         self._shard_sid = {}
         owners: dict[int, set[int]] = {}  # held trace storage -> id() of its parameters
-        groups = _fsdp_groups(self.model) if self._sharded else {}
+        groups = fsdp.groups(self.model) if self._sharded else {}
         for sid, (index, key) in schedule.states.items():
             state = self.optimizer.state[params[index]]
-            get, put = ((partial(_local_of, state, key), partial(_put_local, state, key))
+            get, put = ((partial(fsdp.local_of, state, key), partial(fsdp.put_local, state, key))
                         if is_sharded(state.get(key)) else
                         (partial(state.get, key), partial(state.__setitem__, key)))
             self._held[sid] = HeldEntry(sid, get, put, self._slot(sid))
@@ -813,7 +813,7 @@ class Sentinel:
             param = named[name]
             owners[sid] = {id(param)}
             if self._sharded:  # NOTE [FSDP2]: a group's gradients share one storage
-                self._held[sid] = ResizedEntry(sid, partial(_local_grad, param),
+                self._held[sid] = ResizedEntry(sid, partial(fsdp.local_grad, param),
                                                self._slot(sid))
                 owners[sid] = groups.get(id(param), owners[sid])
             else:
@@ -891,68 +891,16 @@ class Sentinel:
                     lambda _m, _a, sids=sids: run.module_pre_forward(sids)))
         return handles
 
-    def _gathered_hooks(self, never_copied: dict[int, weakref.ref[torch.UntypedStorage]]
-                        ) -> list[Any]:
-        """NOTE [FSDP2]: the parameters FSDP2 gathers onto a module as it runs are parameters
-        too (the profile saw them so): their saves are never copied."""
+    def _fsdp_hooks(self, run: SteadyStep,
+                    never_copied: dict[int, weakref.ref[torch.UntypedStorage]]) -> list[Any]:
+        """NOTE [FSDP2] (``runtime/fsdp.py``): gathered parameters are never copied, and the
+        shards and gradients FSDP2 reads are fast first."""
         if not self._sharded:
             return []
-
-        def gathered(module: nn.Module, _args: Any) -> None:
-            for p in module._parameters.values():
-                if p is not None:
-                    _remember(never_copied, p)
-
-        return [m.register_forward_pre_hook(gathered) for m in self.model.modules()
-                if m._parameters]
-
-    def _fsdp_guards(self, run: SteadyStep) -> list[Any]:
-        """NOTE [FSDP2]: FSDP2 reads a group's shards when it gathers them, and its gradients
-        when it accumulates into them (after a second backward pass) or when backward ends (a
-        clip of the gradients may follow): moved in place, they are complete in fast memory
-        first. FSDP2 calls these methods on its objects, so a wrapper set on the object sees
-        every call; removing it leaves FSDP2 as it was."""
-        if not self._sharded:
-            return []
-        from torch.distributed.fsdp import FSDPModule
-
         assert self.schedule is not None
         grad_sid = {id(self._named[name]): sid for sid, name in self.schedule.grads.items()}
-        undo: list[Any] = []
-
-        def wrap(obj: Any, method: str, before: Callable[[], None] | None,
-                 after: Callable[[], None] | None = None) -> None:
-            original = getattr(obj, method)
-
-            def guarded(*args: Any, **kwargs: Any) -> Any:
-                if before is not None:
-                    before()
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    if after is not None:
-                        after()
-
-            setattr(obj, method, guarded)
-            undo.append(_Unwrap(obj, method))
-
-        for module in self.model.modules():
-            if not isinstance(module, FSDPModule):
-                continue
-            state = module._get_fsdp_state()
-            for group in state._fsdp_param_groups:
-                params = [id(fp.sharded_param) for fp in group.fsdp_params]
-                shards = [self._shard_sid[p] for p in params if p in self._shard_sid]
-                grads = [grad_sid[p] for p in params if p in grad_sid]
-                if shards:
-                    wrap(group, "unshard", partial(run.module_pre_forward, shards))
-                if grads:
-                    wrap(group, "post_backward", partial(run.hold, grads),
-                         partial(run.let_go, grads))
-            if module is self.model and grad_sid:
-                wrap(state, "_root_post_backward_final_callback", None,
-                     run.restore_resized)  # after: it may run groups' post_backward
-        return undo
+        return [*fsdp.gathered_hooks(self.model, partial(_remember, never_copied)),
+                *fsdp.guards(self.model, run, self._shard_sid, grad_sid)]
 
     def _steady_step(self) -> Iterator[None]:
         assert self.schedule is not None
@@ -984,7 +932,7 @@ class Sentinel:
             if arena is not None:
                 tracer.tag_external(arena, ARENA_NAME)
         handles = [*self._grad_hooks(run.grad_ready), *self._fetch_hooks(run),
-                   *self._gathered_hooks(never_copied), *self._fsdp_guards(run)]
+                   *self._fsdp_hooks(run, never_copied)]
         chunked = None
         if self._chunks is not None and self.schedule.chunk_ops:
             chunked = ChunkedStep(self.optimizer, self._chunks, run.before_chunk, _nothing,
@@ -1070,68 +1018,8 @@ class Sentinel:
             self._param_sid = {}
 
 
-@dataclass
-class _Unwrap:
-    """Removes a wrapper set on an object (`Sentinel._fsdp_guards`), as a hook handle does."""
-
-    obj: Any
-    method: str
-
-    def remove(self) -> None:
-        self.obj.__dict__.pop(self.method, None)
-
-
 def _nothing(_: int) -> None:
     pass
-
-
-def _refuse_fsdp_offload(model: nn.Module) -> None:
-    """NOTE [FSDP2]: with its CPUOffloadPolicy, FSDP2 keeps the shards, their gradients and
-    the optimizer state in host memory and updates them there itself; refused before
-    anything runs."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for name, module in model.named_modules():
-        if isinstance(module, FSDPModule) and any(
-                fp.offload_to_cpu for group in module._get_fsdp_state()._fsdp_param_groups
-                for fp in group.fsdp_params):
-            raise SentinelError(
-                f"{name or 'the model'} is sharded by fully_shard with a CPUOffloadPolicy: "
-                "FSDP2 then keeps the parameter shards, their gradients and the optimizer "
-                "state in host memory and updates them there itself, the tensors Sentinel "
-                "would move. Give fully_shard no offload_policy and let Sentinel move them "
-                "ahead of need, or train with FSDP2's offloading and without Sentinel")
-
-
-def _fsdp_groups(model: nn.Module) -> dict[int, set[int]]:
-    """NOTE [FSDP2]: id() of each sharded parameter -> id() of every parameter of its FSDP2
-    group (their gradients are views of one reduce-scatter output)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    out: dict[int, set[int]] = {}
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            for group in module._get_fsdp_state()._fsdp_param_groups:
-                members = {id(fp.sharded_param) for fp in group.fsdp_params}
-                out.update(dict.fromkeys(members, members))
-    return out
-
-
-def _local_grad(param: torch.Tensor) -> torch.Tensor | None:
-    """NOTE [FSDP2]: a sharded parameter's gradient, by its local shard (a view of its
-    group's reduce-scatter output)."""
-    return None if param.grad is None else local_tensor(param.grad)
-
-
-def _local_of(state: dict[str, Any], key: str) -> torch.Tensor | None:
-    """NOTE [FSDP2]: a sharded state tensor moves by its local shard."""
-    value = state.get(key)
-    return local_tensor(value) if isinstance(value, torch.Tensor) else None
-
-
-def _put_local(state: dict[str, Any], key: str, local: torch.Tensor) -> None:
-    """The state's DTensor again, over ``local`` (its shard's new place)."""
-    state[key] = with_local(state[key], local)
 
 
 def _compiled_modules(model: nn.Module) -> list[str]:
