@@ -20,6 +20,7 @@ import sentinel_hm as sh
 import sentinel_hm.runtime.manager as manager
 from sentinel_hm.core.hardware import Access
 from sentinel_hm.core.plan import Tier
+from sentinel_hm.runtime import audit
 from sentinel_hm.runtime.mover import Mover
 from sentinel_hm.runtime.residency import HeldEntry, SavedEntry
 
@@ -414,13 +415,13 @@ def _traced_steady_peak(sentinel: sh.Sentinel, run_step) -> int:
     tracer.start()
     arena = sentinel.tiers.arena()
     if arena is not None:
-        tracer.tag_external(arena, manager.ARENA_NAME)
+        tracer.tag_external(arena, audit.ARENA_NAME)
     try:
         with sentinel.step():
             run_step()
     finally:
         trace = tracer.stop()
-    return max(manager.fast_bytes_curve(trace))
+    return max(audit.fast_bytes_curve(trace))
 
 
 @pytest.mark.parametrize(("name", "budget"), [("gpt", "min"), ("cnn", "50%")])
@@ -513,12 +514,12 @@ def test_a_steady_step_stays_within_budget_as_cuda_frees_fast_memory(racing, nam
     sentinel.close()
 
 
-@pytest.mark.parametrize(("name", "budget"), [("gpt", "min"), ("cnn", "50%")])
-def test_record_stream_keeps_freed_blocks_past_any_bound(racing, name, budget):
+def test_record_stream_keeps_freed_blocks_past_any_bound(racing):
     """Why `CudaEngine` no longer calls ``record_stream``: a block the program drops is reusable
     only once its lane has passed every copy queued before the drop, a moment the host never
-    sees; the same steady step then holds more than its budget."""
-    sentinel, run_step, engine = _steady(racing, name, budget, delay=BOTH_WAYS_SLOW,
+    sees; the same steady step then holds more than its budget. (The GPT at "min": about 46%
+    over; the CNN at 50% is over by 6% in most runs, too close to assert.)"""
+    sentinel, run_step, engine = _steady(racing, "gpt", "min", delay=BOTH_WAYS_SLOW,
                                          reuse="record_stream")
     peak = _asynchronous_audit(sentinel, run_step, engine)
     budget_bytes = sentinel.stats()["budget_bytes"]
