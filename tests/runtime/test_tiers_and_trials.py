@@ -8,7 +8,7 @@ import torch
 import sentinel_hm as sh
 from sentinel_hm.core.cost import CostModel
 from sentinel_hm.core.hardware import Access
-from sentinel_hm.runtime.manager import calibrated
+from sentinel_hm.runtime.calibrate import calibrated
 from sentinel_hm.tiers import ThrottledTiers, open_tiers
 from sentinel_hm.trace.model import Kind, Phase
 

@@ -118,6 +118,8 @@ from sentinel_hm.errors import SentinelError
 from sentinel_hm.planning.planner import context, explain_min_budget, make_plan, min_budget
 from sentinel_hm.planning.policies.sentinel import parse_interval_label
 from sentinel_hm.runtime import fsdp
+from sentinel_hm.runtime.audit import StepAudit
+from sentinel_hm.runtime.calibrate import calibrated
 from sentinel_hm.runtime.chunked_optimizer import (
     ChunkedStep,
     param_chunks,
@@ -144,7 +146,6 @@ from sentinel_hm.trace.sharded import (
 from sentinel_hm.trace.tracer import Tracer
 from sentinel_hm.units import format_bytes, parse_budget
 
-ARENA_NAME = "sentinel: slow arena"
 MAX_REPLANS = 4
 # plain steps before the profiled one; the first pays one-off costs (optimizer state, fresh
 # memory), so the fastest is the one whose time calibrates the simulator
@@ -919,18 +920,10 @@ class Sentinel:
         audit = self._audit_next
         self._audit_next = False
         run.watch_frees = audit
-        tracer = None
-        meter = self.tiers.meter()  # NOTE [One instrument]
-        if audit:
-            self.mover.drain()
-            self.mover.synchronous = True
-            meter.start()
-            tracer = self._tracer(track_saved=False)
-            arena = self.tiers.arena()
-            tracer.start()
-            run.audit_at = tracer.at_next_op
-            if arena is not None:
-                tracer.tag_external(arena, ARENA_NAME)
+        auditing = (StepAudit(self._tracer(track_saved=False), self.tiers.meter(), self.mover,
+                              self.tiers) if audit else None)
+        if auditing is not None:
+            auditing.start(run)
         handles = [*self._grad_hooks(run.grad_ready), *self._fetch_hooks(run),
                    *self._fsdp_hooks(run, never_copied)]
         chunked = None
@@ -966,26 +959,23 @@ class Sentinel:
             run.finish(hooked)
         except BaseException:
             unhook()
-            if tracer is not None:
-                tracer.stop()
-            self.mover.synchronous = False
+            if auditing is not None:
+                auditing.abort()
             self._restore()
             self._phase = "profile"  # start afresh if the loop goes on
             raise
         unhook()
-        if tracer is not None:
-            self.mover.synchronous = False
-            self._audit_trace = tracer.stop()
+        if auditing is not None:
+            result = auditing.finish()
+            self._audit_trace = result.trace
             self._audit_trace_fresh = True
-            curve = fast_bytes_curve(self._audit_trace)
-            traced = max(curve, default=0)
-            metered = max(meter.stop(traced), traced)
-            self._stats.audited_peak_fast_bytes = metered
-            measured = metered - self._overhead  # the plan's storages (NOTE [One instrument])
+            self._stats.audited_peak_fast_bytes = result.metered_peak
+            # the plan's storages (NOTE [One instrument])
+            measured = result.metered_peak - self._overhead
             self._audited_peaks.append(measured)
             if run.mismatch is None:
-                self._headroom = eviction_headroom(run.ticks, curve, self._budget,
-                                                   max(0, measured - traced))
+                self._headroom = eviction_headroom(run.ticks, result.curve, self._budget,
+                                                   max(0, measured - result.traced_peak))
         self._program_held |= run.program_held
         if run.freed_late:  # found by audited steps only
             self._note_held_late(run.freed_late)
@@ -1037,31 +1027,6 @@ def _remember(table: dict[int, weakref.ref[torch.UntypedStorage]], t: torch.Tens
 def _same(t: torch.Tensor) -> torch.Tensor:
     """The parameter itself: its identity and version survive ``.data`` swaps."""
     return t
-
-
-def calibrated(trace: Trace, hw: Hardware, plain_step_s: float) -> tuple[Trace, Hardware]:
-    """Op times that add up to a plain step's wall time ``plain_step_s``.
-
-    When the profiled ops took less, the rest is per-op framework overhead (Python, dispatch,
-    autograd's engine between ops), spread evenly. When they took more, the step overlapped
-    what the profile timed one op at a time: on a GPU the tracer synchronises around each
-    op, so each time includes its launch, while a plain step launches kernels ahead. The op
-    times are then scaled down to the step's, with no overhead (an overhead clamped to 0
-    would leave the simulator's all-fast step longer than the real one)."""
-    ops_s = sum(op.duration_s for op in trace.ops)
-    if not trace.ops:
-        return trace, hw
-    if ops_s <= plain_step_s:
-        overhead = (plain_step_s - ops_s) / len(trace.ops)
-        return trace, dataclasses.replace(hw, op_overhead_s=overhead)
-    scale = plain_step_s / ops_s
-    ops = tuple(dataclasses.replace(op, duration_s=op.duration_s * scale) for op in trace.ops)
-    return dataclasses.replace(trace, ops=ops), dataclasses.replace(hw, op_overhead_s=0.0)
-
-
-def fast_bytes_curve(trace: Trace) -> tuple[int, ...]:
-    """Bytes in the fast tier at each op of an audited step: every live storage but the arena."""
-    return trace.live_bytes_of(s for s in trace.storages if s.name != ARENA_NAME)
 
 
 # the step's own context managers: the program's error is thrown into them (NOTE [Failures])
