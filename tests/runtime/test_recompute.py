@@ -6,6 +6,9 @@ the checkpoint restores the RNG state)."""
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
+from typing import ClassVar
 
 import pytest
 import torch
@@ -190,26 +193,6 @@ def test_recomputing_that_makes_the_budget_infeasible_is_undone(monkeypatch):
     sentinel.close()
 
 
-@pytest.fixture
-def every_layer_recomputed(monkeypatch):
-    """The planner's choice of layers depends on measured op times (and at the test sizes it
-    often recomputes nothing): this makes it recompute every detected layer, outermost
-    modules only, so the runtime's execution of recomputation is what is tested."""
-
-    def recompute_all(self, trace):
-        if self._checkpointed or self._recompute_undone:
-            return False
-        modules = dict(self.model.named_modules())
-        names = [layer.name for layer in trace.layers if layer.name in modules]
-        for name in names:
-            if not any(other.startswith(f"{name}.") for other in names):
-                self._checkpointed.wrap(name, modules[name])
-        self._stats.recomputed_layers = self._checkpointed.names
-        return True
-
-    monkeypatch.setattr(sh.Sentinel, "_recompute_layers", recompute_all)
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize(("name", "budget"), [("gpt", "min"), ("cnn", "min"), ("lstm", "min"),
                                               ("mlp", "min"), ("gpt", "50%")])
@@ -239,3 +222,153 @@ def test_a_recomputing_step_is_predicted_to_cost_its_reruns(every_layer_recomput
     assert sentinel.prediction is not None
     assert sentinel.prediction.compute_s >= 1.1 * stats["plain_step_s"]
     sentinel.close()
+
+
+# -- NOTE [Safe reruns] ----------------------------------------------------------------------
+
+
+class _Remembering(nn.Module):
+    """Adds this call's keys to the memory it is given, then attends over all of it (a cache
+    it is handed, as Hugging Face's layers are; under a name no rule knows): a rerun given
+    the same memory attends over twice as many keys."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, memory: list[torch.Tensor]) -> torch.Tensor:
+        memory.append(self.k(x))
+        keys = torch.cat(memory)
+        return x + torch.softmax(self.q(x) @ keys.t() / 8, dim=-1) @ keys
+
+
+class _MemoryNet(nn.Module):
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(width, False, nn.LayerNorm), _Remembering(width),
+                                     _Block(width, False, nn.LayerNorm), _Remembering(width),
+                                     _Block(width, False, nn.LayerNorm)])
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            # a fresh memory for each call, as a model makes a fresh cache for each forward
+            x = block(x, []) if isinstance(block, _Remembering) else block(x)
+        return nn.functional.cross_entropy(self.head(x), y)
+
+
+class _Probe(nn.Linear):
+    """A leaf layer that notes each time its forward reads its own weight in the slow tier
+    (on a GPU, a device mismatch; on the host tiers, silent)."""
+
+    sentinel: ClassVar[sh.Sentinel | None] = None
+    slow_reads: ClassVar[list[str]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        running = _Probe.sentinel
+        if running is not None and running.tiers.is_slow(self.weight.untyped_storage()):
+            in_backward = torch._C._current_graph_task_id() != -1  # a rerun
+            _Probe.slow_reads.append("rerun" if in_backward else "forward")
+        return super().forward(x)
+
+
+class _ProbedNet(nn.Module):
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.proj = _Probe(width, width)  # used first in forward, rerun last in backward
+        self.blocks = nn.ModuleList(_Block(width, False, nn.LayerNorm) for _ in range(4))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        for block in self.blocks:
+            x = block(x)
+        return nn.functional.cross_entropy(self.head(x), y)
+
+
+def _train_net(make: type[nn.Module], budget: str | None, steps: int = 9
+               ) -> tuple[list[torch.Tensor], sh.Sentinel | None, list[str]]:
+    """Losses, then parameters; the Sentinel; its warnings."""
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sentinel = (sh.Sentinel(model, opt, fast_memory=budget, tiers="host", trials=0)
+                    if budget else None)
+        _Probe.sentinel = sentinel
+        try:
+            for i in range(steps):
+                x = torch.randn(256, 64, generator=gen)
+                y = torch.randint(0, 10, (256,), generator=gen)
+                if sentinel is not None and i == steps - 1:
+                    sentinel.audit()
+                with sentinel.step() if sentinel else contextlib.nullcontext():
+                    loss = model(x, y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                losses.append(loss.detach())
+        finally:
+            _Probe.sentinel = None
+    warned = [str(w.message) for w in caught if str(w.message).startswith("sentinel:")]
+    return losses + [p.detach().clone() for p in model.parameters()], sentinel, warned
+
+
+def test_a_layer_whose_rerun_does_not_repeat_its_forward_is_not_recomputed(
+        every_layer_recomputed):
+    """Every layer is wrapped; the two that append to a memory they are given would attend
+    over twice the keys when rerun. The recomputing profile step finds it (their rebuilt
+    saved tensors differ from the first forward's), trains on what the first forward saved,
+    gives those two their own forwards back with a warning naming each, and profiles again:
+    the rest stay recomputed, and training is plain training bit for bit."""
+    plain, _, _ = _train_net(_MemoryNet, None)
+    ours, sentinel, warned = _train_net(_MemoryNet, "min")
+    assert sentinel is not None
+    stats = sentinel.stats()
+    assert stats["recomputed_layers"] == ["blocks.0", "blocks.2", "blocks.4", "head"], stats
+    assert sorted(w.split("'")[1] for w in warned) == ["blocks.1", "blocks.3"], warned
+    assert all("is not recomputed" in w and "shape" in w for w in warned), warned
+    assert stats["profiles"] == 3, stats  # as written, recomputing all, without those two
+    assert_same(plain, ours)
+    assert_steady_within_budget(sentinel)
+    sentinel.close()
+
+
+def test_a_recomputed_leaf_layer_reruns_with_its_own_parameters_fast(every_layer_recomputed):
+    """A leaf layer's own parameters become fast through its forward pre-hook; a checkpoint's
+    rerun calls its forward without the hooks. At "min" the first layer's weight leaves
+    fast memory between its forward and its backward: its rerun must bring it back first,
+    as the forward's pre-hook does (on a GPU the rerun failed with a device mismatch)."""
+    _Probe.slow_reads = []
+    plain, _, _ = _train_net(_ProbedNet, None)
+    ours, sentinel, warned = _train_net(_ProbedNet, "min")
+    assert sentinel is not None and not warned, warned
+    stats = sentinel.stats()
+    assert "proj" in stats["recomputed_layers"] and stats["bytes_to_slow_per_step"] > 0, stats
+    assert sentinel.schedule is not None and sentinel.schedule.params  # parameters move
+    assert _Probe.slow_reads == []
+    assert_same(plain, ours)
+    assert_steady_within_budget(sentinel)
+    sentinel.close()
+
+
+def test_a_rerun_gets_no_cache_and_use_cache_false():
+    """NOTE [Safe reruns]: bound by name, whether given by position or keyword, under each
+    name Hugging Face has used; the first forward's arguments are never changed."""
+    from sentinel_hm.runtime.recompute import _without_cache
+
+    def layer(x, layer_past=None, mask=None, use_cache=False, **kwargs):
+        return x
+
+    signature = inspect.signature(layer)
+    args, kwargs = _without_cache(signature, (1, "cache", "mask"), {"use_cache": True})
+    assert signature.bind(*args, **kwargs).arguments == {
+        "x": 1, "layer_past": None, "mask": "mask", "use_cache": False}
+    given = {"past_key_values": "cache", "past_key_value": "cache", "cache": "cache"}
+    args, kwargs = _without_cache(signature, (1,), dict(given))
+    assert args == (1,) and kwargs == {"past_key_values": None, "past_key_value": None,
+                                       "cache": None}
+    assert given["cache"] == "cache"

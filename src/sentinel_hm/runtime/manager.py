@@ -82,7 +82,12 @@ the buffers it changed, so batch norm's running statistics are updated once a
 step, as without recomputation. When the step as it then runs cannot be held
 to the budget (a checkpoint rebuilds all of a layer's saved tensors at once,
 on the runtime's clock), the layers get their own forwards back and the step
-is profiled again, not recomputing. Predictions for a recomputing step are
+is profiled again, not recomputing. A rerun must be safe (NOTE [Safe reruns] in
+recompute.py): it gets no cache argument and ``use_cache=False``, it makes the layer's own
+parameters fast as the forward's pre-hook does (`_own_params_fast`), and on the recomputing
+profile step it is checked to rebuild what the forward saved; a layer whose rerun does not
+gets its own forward back with a warning, and the step is profiled again without it (that
+step itself trains as without recomputation). Predictions for a recomputing step are
 calibrated on the plain warm-up step scaled by the two profiles' op times
 (`Sentinel._calibrated`): the reruns cost time.
 ``close()``, and a budget given up on, restore the layers' own forwards.
@@ -469,11 +474,13 @@ class Sentinel:
             chunked.install()
         meter = self.tiers.meter()  # NOTE [One instrument]
         meter.start()
+        self._checkpointed.verifying = True  # NOTE [Safe reruns]: reruns repeat their forwards
         tracer.start()
         try:
             yield
             self._program_ran = True
         finally:
+            self._checkpointed.verifying = False
             trace = tracer.stop()
             metered = meter.stop(trace.peak_bytes)
             for h in handles:
@@ -481,6 +488,9 @@ class Sentinel:
             if chunked is not None:
                 chunked.remove()
         self._stats.profiles += 1
+        if self._checkpointed.diverged:  # NOTE [Safe reruns]: a rerun did not repeat its forward
+            self._give_up_unsafe_reruns()
+            return
         self._events = events
         self._program_held = set()  # storage ids are the new trace's
         self._held_late, self._held_tried = {}, set()
@@ -577,8 +587,9 @@ class Sentinel:
                 or self._recompute_undone):
             return False
         modules = dict(self.model.named_modules())
-        allowed = frozenset(layer.index for layer in trace.layers
-                            if layer.name and layer.name in modules)
+        allowed = frozenset(layer.index for layer in trace.layers  # NOTE [Safe reruns]
+                            if layer.name and layer.name in modules
+                            and layer.name not in self._checkpointed.unsafe)
         if not allowed:
             return False
         # the choice is the planner's (on the profiled step, before the runtime's clock:
@@ -598,6 +609,35 @@ class Sentinel:
             self._checkpointed.wrap(name, modules[name])
         self._stats.recomputed_layers = self._checkpointed.names
         return True
+
+    def _own_params_fast(self, run: SteadyStep) -> Callable[[nn.Module], None] | None:
+        """NOTE [Safe reruns]: what a recomputed layer calls before its forward and its rerun:
+        its own moving parameters fast, as its forward pre-hook makes them (`_fetch_hooks`)."""
+        if self.tiers.access is not Access.MIGRATE or not self._param_sid:
+            return None
+        param_sid = self._param_sid
+
+        def own_params_fast(module: nn.Module) -> None:
+            run.module_pre_forward([param_sid[id(p)] for p in module._parameters.values()
+                                    if p is not None and id(p) in param_sid])
+
+        return own_params_fast
+
+    def _give_up_unsafe_reruns(self) -> None:
+        """NOTE [Safe reruns]: layers whose reruns did not repeat their forwards on the step
+        just profiled (which trained as without recomputation) get their own forwards back,
+        for good; the next step is profiled without them."""
+        for name, why in self._checkpointed.give_up_diverged().items():
+            warnings.warn(
+                f"sentinel: layer {name!r} is not recomputed: {why}. A rerun must repeat "
+                "the layer's forward, and this one did not (it replays a side effect, such as "
+                "appending to a cache it was given, or reads state that changed). This step "
+                "trained as without recomputing it, and the next is profiled again without "
+                "it; nothing to do, unless you want it recomputed: then its forward must "
+                "depend on its arguments only (a cache passed as `cache` or `past_key_values` "
+                "is withheld from reruns, as Hugging Face's checkpointing does)", stacklevel=5)
+        self._stats.recomputed_layers = self._checkpointed.names
+        self._phase = "profile"
 
     def _start_trials(self) -> None:
         """Test-and-trial (the seed's method): time a few interval lengths in real steps.
@@ -945,7 +985,11 @@ class Sentinel:
         hooks = (torch.autograd.graph.saved_tensors_hooks(*pack_unpack)
                  if hooked else contextlib.nullcontext())
 
+        if self._checkpointed:  # NOTE [Safe reruns]: a rerun runs no forward pre-hooks
+            self._checkpointed.before_forward = self._own_params_fast(run)
+
         def unhook() -> None:
+            self._checkpointed.before_forward = None
             for h in handles:
                 h.remove()
             if chunked is not None:
