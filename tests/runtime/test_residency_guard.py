@@ -304,10 +304,6 @@ class _TiedUse(nn.Module):
         return nn.functional.mse_loss(h @ self.emb.weight, y)
 
 
-@pytest.mark.xfail(strict=True, raises=ResidencyError, reason=(
-    "found by the residency guard (not yet an issue item): a moving parameter is made fast "
-    "only by its own module's pre-hook; read by another module's code (a tied projection), "
-    "it is still in the slow tier (forward) and is saved as the slow view (backward)"))
 def test_a_parameter_read_outside_its_owners_forward_is_fast(racing):
     torch.manual_seed(0)
     model = _TiedUse()

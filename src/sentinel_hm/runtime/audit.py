@@ -55,8 +55,12 @@ class StepAudit:
             self.tracer.tag_external(arena, ARENA_NAME)
 
     def abort(self) -> None:
-        self.tracer.stop()
-        self.mover.synchronous = False
+        """The step raised: tracer and meter off (the allocator's history recording too)."""
+        try:
+            self.tracer.stop()
+        finally:
+            self.mover.synchronous = False
+            self.meter.stop(0)
 
     def finish(self) -> AuditResult:
         self.mover.synchronous = False

@@ -14,7 +14,8 @@ An error is the machinery's when its traceback passes through this package: a fr
 ``sentinel_hm`` other than the step's own context managers (the program's exception is thrown
 into them), the reference workloads (the program, for tests and demos), and the tracer's
 dispatch where it only forwards the program's op (an op that raised there failed on the
-program's inputs: its frames go on into torch).
+program's inputs: its frames go on into torch), and the call of a framework's closure (NOTE
+[Closures]: it runs the program's forward and backward).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import sentinel_hm
 _PACKAGE = os.path.dirname(os.path.abspath(sentinel_hm.__file__)) + os.sep
 _PROGRAM = os.path.join(_PACKAGE, "workloads") + os.sep
 # frames that forward the program's op: ours only where the error was raised in them
-_FORWARDING = frozenset({"__torch_dispatch__", "_on_op"})
+_FORWARDING = frozenset({"__torch_dispatch__", "_on_op",
+                         "_closure_first"})  # calls a framework's closure: the program
 
 
 def machinery_frame(error: BaseException,
@@ -51,8 +53,10 @@ def machinery_frame(error: BaseException,
         if code in skip or not path.startswith(_PACKAGE) or path.startswith(_PROGRAM):
             continue
         deeper = frames[k + 1 :]
-        if code.co_name in _FORWARDING and deeper and not any(
-                os.path.abspath(f.f_code.co_filename).startswith(_PACKAGE) for f in deeper):
+        if code.co_name in _FORWARDING and deeper and all(
+                f.f_code.co_name in _FORWARDING
+                or not os.path.abspath(f.f_code.co_filename).startswith(_PACKAGE)
+                for f in deeper):
             continue  # the program's op raised inside the tracer: the program's error
         found = f"{os.path.relpath(path, os.path.dirname(_PACKAGE))}:{line} in {code.co_name}"
     return found

@@ -956,6 +956,9 @@ class Sentinel:
         run = SteadyStep(self.schedule, self.tiers, self.mover, self._held, never_copied,
                          self._moving_params, self._chunk_sids)
         run.headroom = self._headroom
+        if not self._sharded:  # NOTE [Parameter saves]: saves of a parameter as it leaves
+            run.param_slots = {self._slot(sid).data_ptr(): (sid, self._named[name])
+                               for sid, name in self.schedule.params.items()}
         self.mover.reset_counters()
         audit = self._audit_next
         self._audit_next = False

@@ -15,8 +15,9 @@ recognised as the profiled one by the sequence of packed storage sizes.
 
 from __future__ import annotations
 
+import bisect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sentinel_hm.core.plan import Move, Plan
 from sentinel_hm.trace.model import Kind, Phase, Trace
@@ -65,6 +66,17 @@ class StepEvents:
 
 @dataclass(frozen=True)
 class Schedule:
+    """A plan as the runtime executes it, on its clock (NOTE [Runtime clock]).
+
+    NOTE [Parameter reads]
+    Under migrate access a moving parameter must be fast before an op reads it. Its own
+    module's forward pre-hook brings it back, but code outside that module may read it too
+    (a tied projection, ``h @ self.emb.weight``, in the model's own forward; found by the
+    residency guard): each forward op that reads a moving parameter is filed under the last
+    runtime event before it (``reads_after_pack``), and that event makes the parameter fast
+    (`SteadyStep.need`: a no-op when the plan's prefetch has landed).
+    """
+
     saved_order: tuple[int, ...]  # trace storage of the k-th distinct storage packed
     saved_nbytes: tuple[int, ...]
     managed_saved: frozenset[int]
@@ -82,6 +94,9 @@ class Schedule:
     chunk_ops: tuple[int, ...]  # first op of each chunk of a streamed optimizer step
     grad_ops: dict[str, tuple[int, ...]]  # parameter name -> clock of each completed gradient
     n_ops: int
+    # NOTE [Parameter reads]: moving parameters read by forward ops after the k-th pack and
+    # up to the next (key -1: before the first pack)
+    reads_after_pack: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @staticmethod
     def build(trace: Trace, plan: Plan, events: StepEvents) -> Schedule:
@@ -114,6 +129,7 @@ class Schedule:
         optimizer_op = optimizer_ops[0] if optimizer_ops else None
         optimizer_end = optimizer_ops[-1] + 1 if optimizer_ops else None
         chunks = trace.meta.get("optimizer_chunks")
+        reads = _reads_after_pack(trace, frozenset(params), events.pack_clock)
         return Schedule(
             saved_order=tuple(keep),
             saved_nbytes=tuple(storages[sid].nbytes for sid in keep),
@@ -133,4 +149,29 @@ class Schedule:
             chunk_ops=tuple(int(op) for op in chunks) if isinstance(chunks, list) else (),
             grad_ops={name: tuple(ops) for name, ops in events.grad_ops.items()},
             n_ops=len(trace.ops),
+            reads_after_pack=reads,
         )
+
+
+def _reads_after_pack(trace: Trace, params: frozenset[int],
+                      pack_clock: list[int]) -> dict[int, tuple[int, ...]]:
+    """NOTE [Parameter reads]: each forward op that reads a moving parameter, filed under the
+    last pack (a runtime event) before it: a pack has the clock of the op that saved, so
+    one at the reading op itself comes after the read."""
+    if not params or not trace.ops:
+        return {}
+    last = len(trace.ops) - 1
+    forward_packs = sorted({c for c in pack_clock
+                            if trace.ops[min(c, last)].phase is Phase.FORWARD})
+    first_pack = {c: k for k, c in reversed(list(enumerate(pack_clock)))}
+    out: dict[int, list[int]] = {}
+    for op in trace.ops:
+        if op.phase is not Phase.FORWARD:
+            continue
+        for sid in op.inputs:
+            if sid in params:
+                before = bisect.bisect_left(forward_packs, op.index) - 1
+                k = first_pack[forward_packs[before]] if before >= 0 else -1
+                if sid not in out.setdefault(k, []):
+                    out[k].append(sid)
+    return {k: tuple(v) for k, v in out.items()}

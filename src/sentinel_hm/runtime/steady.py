@@ -93,6 +93,9 @@ class SteadyStep:
         # storage address -> (the storage, its trace id, the parameter) for parameters the
         # plan moves; kept current by the manager as parameters change storage
         self.moving_params = moving_params
+        # a moving parameter's slot address -> (its trace storage, the parameter): a save of
+        # a parameter that left during the op that saved it (NOTE [Parameter saves])
+        self.param_slots: dict[int, tuple[int, torch.Tensor]] = {}
         self.chunk_sids = chunk_sids  # held entries each optimizer chunk updates
         self.grad_events: dict[str, int] = {}
         self.pack_calls = 0
@@ -200,6 +203,8 @@ class SteadyStep:
         clock = self.schedule.pack_clock
         if self.mismatch is None and n < len(clock):
             self.advance(clock[n])
+            for sid in self.schedule.reads_after_pack.get(n, ()):
+                self.need(sid)  # NOTE [Parameter reads]
         return packed
 
     def _pack(self, t: torch.Tensor) -> Any:
@@ -210,6 +215,11 @@ class SteadyStep:
             return _ParamSave(moving[1], moving[2], t)
         known = self.never_copied.get(key)
         if known is not None and known() is storage:
+            slow = self.param_slots.get(t.data_ptr()) if self.tiers.is_slow(storage) else None
+            if slow is not None and slow[1].data_ptr() == t.data_ptr():
+                # the parameter left during the op that read it (an eviction issued at one of
+                # the op's own saves): rebuilt where it lives when backward needs it
+                return _ParamSave(slow[0], slow[1], t)
             return t
         seen = self.seen.get(key)
         if seen is not None and seen[0]() is storage:
@@ -295,6 +305,8 @@ class SteadyStep:
             if isinstance(held, ResizedEntry):
                 held.evict(self.mover, self.tiers)
                 self.in_flight.append(held)
+        for sid in self.schedule.reads_after_pack.get(-1, ()):
+            self.need(sid)  # NOTE [Parameter reads]: read before the first event
 
     def hold(self, sids: list[int]) -> None:
         """NOTE [FSDP2]: the program makes views of these storages until `let_go`: they
