@@ -81,3 +81,30 @@ def test_training_resumed_from_a_checkpoint_is_uninterrupted():
         losses, params, _ = _run(budget, STEPS - SAVE_AT, resume=checkpoint)
         assert_same(plain_losses[SAVE_AT:], losses)
         assert_same(plain_params, params)
+
+
+def test_a_state_dict_leaves_the_optimizers_own_state_alone():
+    """``optimizer.state_dict()`` hands out the optimizer's own per-parameter state dicts: the
+    compact copies go in new dicts, the optimizer keeps its tensors (the slow ones included).
+    Replaced by host copies, the state stopped being managed, and on an H200 the next update
+    mixed a host tensor with GPU ones ("Expected all tensors to be on the same device")."""
+    wl = _tied(0, OPTIMIZERS["adamw-for-loop"])
+    gen = torch.Generator().manual_seed(1)
+    sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory="min", trials=0)
+    moved = []
+    for i in range(STEPS):
+        idx = torch.randint(0, 64, (16, 32), generator=gen)
+        with sentinel.step():
+            wl.model(idx, torch.roll(idx, -1, 1)).backward()
+            wl.optimizer.step()
+            wl.optimizer.zero_grad()
+        own = {(id(p), k): v for p, st in wl.optimizer.state.items() for k, v in st.items()}
+        state = wl.optimizer.state_dict()["state"]
+        assert not any(sentinel.tiers.is_slow(v.untyped_storage()) for s in state.values()
+                       for v in s.values())  # the checkpoint owns its bytes
+        after = {(id(p), k): v for p, st in wl.optimizer.state.items() for k, v in st.items()}
+        assert all(after[key] is t for key, t in own.items()), f"step {i}: state replaced"
+        if i >= SAVE_AT:
+            moved.append(sentinel.stats()["bytes_to_fast_per_step"])
+    assert sentinel.stats()["phase"] == "steady" and all(moved)
+    sentinel.close()

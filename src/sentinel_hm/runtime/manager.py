@@ -450,13 +450,20 @@ class Sentinel:
 
     def _compact(self, state: dict[Any, Any]) -> None:
         """NOTE [Checkpoints]: arena views in a state dict (nested one level, as the
-        optimizer's per-parameter state is) become copies that own their bytes."""
+        optimizer's per-parameter state is) become copies that own their bytes. A nested dict
+        is the optimizer's own (``optimizer.state[p]``: ``state_dict()`` does not copy it), so
+        it is replaced by a new one, never changed: the optimizer keeps its tensors."""
         for key, value in state.items():
             if isinstance(value, dict):
-                self._compact(value)
-            elif (isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
-                  and self.tiers.is_slow(local_tensor(value).untyped_storage())):
+                if any(self._is_slow_state(v) for v in value.values()):
+                    state[key] = {k: v.clone() if self._is_slow_state(v) else v
+                                  for k, v in value.items()}
+            elif self._is_slow_state(value):
                 state[key] = value.clone()
+
+    def _is_slow_state(self, value: Any) -> bool:
+        return (isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+                and self.tiers.is_slow(local_tensor(value).untyped_storage()))
 
     # -- phases --------------------------------------------------------------------------------
 
