@@ -319,3 +319,26 @@ def test_a_parameter_read_outside_its_owners_forward_is_fast(racing):
             opt.step()
             opt.zero_grad()
     _check(sentinel, guard, racing)
+
+
+def test_an_audit_reports_what_read_the_slow_tier(monkeypatch):
+    """The audit runs the guard (collecting): with the runtime's parameter fetches switched
+    off, an audited step says which ops read the slow tier, in stats() and in a warning."""
+    from sentinel_hm.runtime.steady import SteadyStep
+
+    torch.manual_seed(0)
+    wl = CONFIGS["mlp"](0)
+    sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory="min", trials=0)
+    for _ in range(5):
+        with sentinel.step():
+            wl.step()
+    assert sentinel.stats()["phase"] == "steady"
+    assert not sentinel.stats()["residency_violations"]
+    monkeypatch.setattr(SteadyStep, "module_pre_forward", lambda self, sids: None)
+    monkeypatch.setattr(SteadyStep, "need", lambda self, sid: None)
+    sentinel.audit()
+    with pytest.warns(UserWarning, match=r"read the slow tier \d+ time"), sentinel.step():
+        wl.step()
+    found = sentinel.stats()["residency_violations"]
+    assert found and any("in the slow tier" in v for v in found), found
+    sentinel.close()

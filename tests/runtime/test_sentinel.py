@@ -80,6 +80,7 @@ def assert_steady_within_budget(sentinel: sh.Sentinel) -> None:
     stats = sentinel.stats()
     assert stats["phase"] == "steady" and not stats["mismatches"]
     assert stats["audited_peak_fast_bytes"] <= stats["budget_bytes"]
+    assert not stats["residency_violations"]  # NOTE [Residency guard], run by the audit
     if stats["budget_bytes"] >= stats["all_fast_peak_bytes"]:
         assert stats["bytes_to_slow_per_step"] == 0  # nothing moves for nothing
     else:  # a binding budget: bytes really move

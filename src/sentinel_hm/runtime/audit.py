@@ -1,16 +1,20 @@
 """Audited steps: the fast tier's true peak in a steady step, measured, not modeled.
 
 An audited step runs its copies synchronously, so that the tracer sees each of them, under
-the tracer and the tiers' meter (NOTE [One instrument] in ``manager.py``). What it yields:
-the audit trace (fast-tier bytes at each op: `fast_bytes_curve`), the traced peak and the
-meter's peak.
+the tracer, the tiers' meter (NOTE [One instrument] in ``manager.py``) and the residency
+guard (NOTE [Residency guard]: under migrate access no op may read the slow tier). What it
+yields: the audit trace (fast-tier bytes at each op: `fast_bytes_curve`), the traced peak,
+the meter's peak and the guard's violations.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from sentinel_hm.runtime.mover import Mover
+from sentinel_hm.runtime.residency_guard import ResidencyGuard
 from sentinel_hm.runtime.steady import SteadyStep
 from sentinel_hm.tiers.base import Meter, Tiers
 from sentinel_hm.trace.allocation_tracer import AllocationTracer
@@ -31,6 +35,7 @@ class AuditResult:
     curve: tuple[int, ...]  # fast-tier bytes at each op of the audit trace
     traced_peak: int
     metered_peak: int  # the tiers' meter, never below the traced peak
+    violations: tuple[str, ...] = ()  # ops that read the slow tier (NOTE [Residency guard])
 
 
 class StepAudit:
@@ -38,11 +43,12 @@ class StepAudit:
     if the step raised)."""
 
     def __init__(self, tracer: Tracer | AllocationTracer, meter: Meter, mover: Mover,
-                 tiers: Tiers) -> None:
+                 tiers: Tiers, model: nn.Module) -> None:
         self.tracer = tracer
         self.meter = meter
         self.mover = mover
         self.tiers = tiers
+        self.guard = ResidencyGuard(tiers, model, collect=True)
 
     def start(self, run: SteadyStep) -> None:
         self.mover.drain()
@@ -53,10 +59,12 @@ class StepAudit:
         arena = self.tiers.arena()
         if arena is not None:
             self.tracer.tag_external(arena, ARENA_NAME)
+        self.guard.__enter__()  # innermost: it sees the program's ops as they are issued
 
     def abort(self) -> None:
         """The step raised: tracer and meter off (the allocator's history recording too)."""
         try:
+            self.guard.__exit__(None, None, None)
             self.tracer.stop()
         finally:
             self.mover.synchronous = False
@@ -64,7 +72,9 @@ class StepAudit:
 
     def finish(self) -> AuditResult:
         self.mover.synchronous = False
+        self.guard.__exit__(None, None, None)
         trace = self.tracer.stop()
         curve = fast_bytes_curve(trace)
         traced = max(curve, default=0)
-        return AuditResult(trace, curve, traced, max(self.meter.stop(traced), traced))
+        return AuditResult(trace, curve, traced, max(self.meter.stop(traced), traced),
+                           tuple(str(v) for v in self.guard.violations))

@@ -179,6 +179,9 @@ class Stats:
     # what the tiers' meter reads beyond the traced storages: never moved (NOTE [One
     # instrument]); budgets, peaks and audits above all include it
     overhead_bytes: int = 0
+    # ops of the last audited step that read the slow tier under migrate access (NOTE
+    # [Residency guard]): none is the only right number
+    residency_violations: list[str] = field(default_factory=list)
     predicted_step_s: float | None = None
     predicted_peak_fast_bytes: int | None = None
     # the fastest plain warm-up step, which predictions are calibrated on: a predicted
@@ -208,6 +211,7 @@ class Stats:
             "bytes_to_fast_per_step": median(self.bytes_to_fast),
             "audited_peak_fast_bytes": self.audited_peak_fast_bytes,
             "overhead_bytes": self.overhead_bytes,
+            "residency_violations": list(self.residency_violations),
             "predicted_step_s": self.predicted_step_s,
             "predicted_peak_fast_bytes": self.predicted_peak_fast_bytes,
             "plain_step_s": self.plain_step_s,
@@ -971,7 +975,7 @@ class Sentinel:
         self._audit_next = False
         run.watch_frees = audit
         auditing = (StepAudit(self._tracer(track_saved=False), self.tiers.meter(), self.mover,
-                              self.tiers) if audit else None)
+                              self.tiers, self.model) if audit else None)
         if auditing is not None:
             auditing.start(run)
         handles = [*self._grad_hooks(run.grad_ready), *self._fetch_hooks(run),
@@ -1024,6 +1028,13 @@ class Sentinel:
             self._audit_trace = result.trace
             self._audit_trace_fresh = True
             self._stats.audited_peak_fast_bytes = result.metered_peak
+            self._stats.residency_violations = list(result.violations)
+            if result.violations:  # NOTE [Residency guard]: a device mismatch on a GPU
+                warnings.warn(
+                    f"sentinel: an audited step read the slow tier {len(result.violations)} "
+                    f"time(s) under migrate access, which on a GPU fails or runs on the host; "
+                    f"first: {result.violations[0]}. Please report it "
+                    "(stats()['residency_violations'] lists them)", stacklevel=3)
             # the plan's storages (NOTE [One instrument])
             measured = result.metered_peak - self._overhead
             self._audited_peaks.append(measured)
