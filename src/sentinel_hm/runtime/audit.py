@@ -43,12 +43,14 @@ class StepAudit:
     if the step raised)."""
 
     def __init__(self, tracer: Tracer | AllocationTracer, meter: Meter, mover: Mover,
-                 tiers: Tiers, model: nn.Module) -> None:
+                 tiers: Tiers, model: nn.Module, guard: bool = True) -> None:
+        """``guard=False`` for a compiled model: a dispatch mode on the stack makes dynamo
+        recompile its regions (or run them eagerly), so only eager steps are guarded."""
         self.tracer = tracer
         self.meter = meter
         self.mover = mover
         self.tiers = tiers
-        self.guard = ResidencyGuard(tiers, model, collect=True)
+        self.guard = ResidencyGuard(tiers, model, collect=True) if guard else None
 
     def start(self, run: SteadyStep) -> None:
         self.mover.drain()
@@ -59,12 +61,14 @@ class StepAudit:
         arena = self.tiers.arena()
         if arena is not None:
             self.tracer.tag_external(arena, ARENA_NAME)
-        self.guard.__enter__()  # innermost: it sees the program's ops as they are issued
+        if self.guard is not None:  # innermost: it sees the program's ops as issued
+            self.guard.__enter__()
 
     def abort(self) -> None:
         """The step raised: tracer and meter off (the allocator's history recording too)."""
         try:
-            self.guard.__exit__(None, None, None)
+            if self.guard is not None:
+                self.guard.__exit__(None, None, None)
             self.tracer.stop()
         finally:
             self.mover.synchronous = False
@@ -72,9 +76,10 @@ class StepAudit:
 
     def finish(self) -> AuditResult:
         self.mover.synchronous = False
-        self.guard.__exit__(None, None, None)
+        if self.guard is not None:
+            self.guard.__exit__(None, None, None)
         trace = self.tracer.stop()
         curve = fast_bytes_curve(trace)
         traced = max(curve, default=0)
         return AuditResult(trace, curve, traced, max(self.meter.stop(traced), traced),
-                           tuple(str(v) for v in self.guard.violations))
+                           tuple(str(v) for v in self.guard.violations) if self.guard else ())

@@ -975,7 +975,8 @@ class Sentinel:
         self._audit_next = False
         run.watch_frees = audit
         auditing = (StepAudit(self._tracer(track_saved=False), self.tiers.meter(), self.mover,
-                              self.tiers, self.model) if audit else None)
+                              self.tiers, self.model, guard=not self._compiled)
+                    if audit else None)
         if auditing is not None:
             auditing.start(run)
         handles = [*self._grad_hooks(run.grad_ready), *self._fetch_hooks(run),
