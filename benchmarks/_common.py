@@ -39,13 +39,16 @@ def environment(**extra: Any) -> dict[str, Any]:
             "sentinel_hm": sentinel_hm.__version__, **extra}
 
 
-def write_results(out_dir: Path, stem: str, data: dict[str, Any], lines: list[str]) -> Path:
-    """``<stem>.json`` (data) and ``<stem>.md`` (lines) in ``out_dir``; prints the lines."""
+def write_results(out_dir: Path, stem: str, data: dict[str, Any], lines: list[str],
+                  quiet: bool = False) -> Path:
+    """``<stem>.json`` (data) and ``<stem>.md`` (lines) in ``out_dir``; prints the lines unless
+    ``quiet`` (a run that saves what it has after each row, so a killed run leaves it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / stem
     path.with_suffix(".json").write_text(json.dumps(data, indent=1))
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
     return path
 
 

@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import re
@@ -563,14 +562,8 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
 
     def save(done: bool) -> None:
-        data = {"env": env, "rows": rows, "done": done}
-        lines = report(env, rows, done)
-        if done:
-            write_results(args.out_dir, stem, data, lines)
-        else:
-            args.out_dir.mkdir(parents=True, exist_ok=True)
-            (args.out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1))
-            (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        write_results(args.out_dir, stem, {"env": env, "rows": rows, "done": done},
+                      report(env, rows, done), quiet=not done)
 
     for name in names:
         plain: Run | None = None
