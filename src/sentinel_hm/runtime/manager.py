@@ -306,6 +306,7 @@ class Sentinel:
         # program])
         self._held_late: dict[int, int] = {}
         self._held_tried: set[frozenset[tuple[int, int]]] = set()
+        self._held_dropped = False  # a correction planned without them (_check_measured_peak)
         self._refused: int | None = None  # a budget below the floor, being measured
         self._recompute_undone = False  # recomputing made this budget infeasible
         # Plain warm-up steps: in the first the optimizer creates its state (the profiled step
@@ -504,7 +505,7 @@ class Sentinel:
             return
         self._events = events
         self._program_held = set()  # storage ids are the new trace's
-        self._held_late, self._held_tried = {}, set()
+        self._held_late, self._held_tried, self._held_dropped = {}, set(), False
         if not self._checkpointed:
             self._program_ops_s = sum(op.duration_s for op in trace.ops)
         trace, hw = self._calibrated(trace)
@@ -720,6 +721,7 @@ class Sentinel:
         # of held storages is cautious (it cannot issue their eviction before the program
         # lets go), so its floor with them would be above that
         if (measured > self._budget and late and self.fast_memory != "min"
+                and not self._held_dropped
                 and (tried := frozenset(late.items())) not in self._held_tried):
             self._held_tried.add(tried)
             # evictions that freed their bytes only later in the forward pass: plan them as
@@ -752,8 +754,17 @@ class Sentinel:
         # correction did not lower the measured peak, or on the last try, the smallest plan
         # itself (a refusal's quoted figure was measured on it)
         floor = min_budget(self._ctx, self.policy)
-        target = max(self.plan.budget_bytes - (measured - self._budget), floor)
+        target = self.plan.budget_bytes - (measured - self._budget)
         stuck = self._replans > 1 and measured >= self._audited_peaks[-2]
+        if self._ctx.held_until and (target <= floor or stuck or self._replans == MAX_REPLANS):
+            # NOTE [Held by the program]: the planner's view of held storages is cautious (no
+            # eviction before the program lets go), so its smallest plan with them can be far
+            # above the smallest plan without them, which "min" measures: when the correction
+            # reaches the first, correct without them (for good: they did not fit)
+            base = dataclasses.replace(self._ctx, held_until=(), min_budgets={})
+            if (base_floor := min_budget(base, self.policy)) < floor:
+                self._ctx, floor, self._held_dropped = base, base_floor, True
+        target = max(target, floor)
         if stuck or self._replans == MAX_REPLANS:
             target = floor
         if self._replans <= MAX_REPLANS and target < self.plan.budget_bytes:
@@ -762,6 +773,16 @@ class Sentinel:
                 return
             except SentinelError:
                 pass  # no plan fits the corrected target
+        if self._checkpointed and self.fast_memory != "min":
+            # NOTE [Recomputed layers]: the step as it runs recomputing could not be held to
+            # the budget it measured against, which the step as written may be (its smallest
+            # plan is the one a refusal quotes): profile again without recomputing
+            self._restore()
+            self._checkpointed.restore()
+            self._stats.recomputed_layers = []
+            self._recompute_undone = True
+            self._phase = "profile"
+            return
         self._give_up(
             f"the plan for fast_memory={self.fast_memory!r} ({format_bytes(self._budget)}) "
             f"measured {format_bytes(measured)} in fast memory, and no plan fits the "
