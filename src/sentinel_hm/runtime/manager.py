@@ -68,7 +68,12 @@ until then, and at least until their last forward use (``Context.held_until``,
 `Context.held_in_forward`), and measured again, before the budget is lowered
 by the excess. On a host tier's direct access this turned the small CNN's 50%
 trial from a budget lowered by the excess (and given up on at random, as plans
-vary with the timings) into one re-plan at the budget asked.
+vary with the timings) into one re-plan at the budget asked. The planner cannot
+evict a held storage before the program lets go, so the smallest plan with them
+held can be far above the one without: a correction that reaches that floor (or
+is stuck, or is the last) goes on without the held knowledge, for good in this
+profile (tiny HF Llama: 20% was given up on at 509 KiB while "min", planned
+without it, trained at 446 KiB).
 
 NOTE [Recomputed layers]
 With ``recompute=True`` (the default) the planner may choose, at the profiled
@@ -82,7 +87,8 @@ the buffers it changed, so batch norm's running statistics are updated once a
 step, as without recomputation. When the step as it then runs cannot be held
 to the budget (a checkpoint rebuilds all of a layer's saved tensors at once,
 on the runtime's clock), the layers get their own forwards back and the step
-is profiled again, not recomputing. A rerun must be safe (NOTE [Safe reruns] in
+is profiled again, not recomputing: when planning fails, and when an audited
+step's excess fits no correction (the step as written may fit). A rerun must be safe (NOTE [Safe reruns] in
 recompute.py): it gets no cache argument and ``use_cache=False``, it makes the layer's own
 parameters fast as the forward's pre-hook does (`_own_params_fast`), and on the recomputing
 profile step it is checked to rebuild what the forward saved; a layer whose rerun does not
