@@ -88,12 +88,13 @@ step, as without recomputation. When the step as it then runs cannot be held
 to the budget (a checkpoint rebuilds all of a layer's saved tensors at once,
 on the runtime's clock), the layers get their own forwards back and the step
 is profiled again, not recomputing: when planning fails, and when an audited
-step's excess fits no correction (the step as written may fit). A rerun must be
-safe (NOTE [Safe reruns] in recompute.py): it gets no cache argument and
-``use_cache=False``, it makes the layer's own parameters fast as the forward's pre-hook does (`_own_params_fast`), and on the recomputing
-profile step it is checked to rebuild what the forward saved; a layer whose rerun does not
-gets its own forward back with a warning, and the step is profiled again without it (that
-step itself trains as without recomputation). Predictions for a recomputing step are
+step's excess fits no correction (the step as written may fit). A rerun must be safe
+(NOTE [Safe reruns] in recompute.py): it gets no cache argument and ``use_cache=False``,
+it makes the layer's own parameters fast as the forward's pre-hook does
+(`_own_params_fast`), and on the recomputing profile step it is checked to rebuild what
+the forward saved; a layer whose rerun does not gets its own forward back with a
+warning, and the step is profiled again without it (that step itself trains as without
+recomputation). Predictions for a recomputing step are
 calibrated on the plain warm-up step scaled by the two profiles' op times
 (`Sentinel._calibrated`): the reruns cost time.
 ``close()``, and a budget given up on, restore the layers' own forwards.
