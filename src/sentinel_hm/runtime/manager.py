@@ -134,6 +134,8 @@ from sentinel_hm.runtime.audit import StepAudit
 from sentinel_hm.runtime.calibrate import calibrated
 from sentinel_hm.runtime.chunked_optimizer import (
     ChunkedStep,
+    chunk_extras,
+    merge_chunks,
     param_chunks,
     warn_unstreamed,
     why_not_streamable,
@@ -306,6 +308,7 @@ class Sentinel:
             warn_unstreamed(reason)
         self._chunks = param_chunks(model, optimizer) if reason is None \
             else None
+        self._run_chunks = self._chunks  # the plan's, merged from those (_merge_chunks)
         self._closure_seen = False
         self._audited_peaks: list[int] = []  # a plan measured at m fits a budget of m
         self._program_held: set[int] = set()  # saved storages the program itself kept
@@ -915,12 +918,31 @@ class Sentinel:
             [sid for sid, ps in owners.items() if ps & members]
             for members in ({id(p) for p in chunk} for chunk in self._chunks or ())
         ]
+        self._merge_chunks(trace, target)
         for sid in schedule.start_slow & set(self._held):
             if isinstance(self._held[sid], ResizedEntry):
                 continue  # back at every step's end, out at the next one's start
             self._held[sid].evict(self.mover, self.tiers)
             self._held[sid].commit(self.mover)
         self.mover.drain()
+
+    def _merge_chunks(self, trace: Trace, target: int) -> None:
+        """NOTE [Chunked optimizer step]: the chunks this plan runs, merged from the profiled
+        ones (one parameter each) where the plan does not act between them."""
+        schedule, chunks = self.schedule, self._chunks
+        assert schedule is not None and self.prediction is not None
+        self._run_chunks = chunks
+        if chunks is None or len(schedule.chunk_ops) != len(chunks):
+            return
+        end = schedule.optimizer_end if schedule.optimizer_end is not None else schedule.n_ops
+        extras, headroom = chunk_extras(trace, schedule.chunk_ops, end,
+                                        self.prediction.fast_bytes, target)
+        groups = merge_chunks(schedule.chunk_ops, self._chunk_sids, schedule.moves,
+                              schedule.start_slow, extras, headroom)
+        self._run_chunks = [[p for k in group for p in chunks[k]] for group in groups]
+        self._chunk_sids = [[sid for k in group for sid in self._chunk_sids[k]]
+                            for group in groups]
+        self.schedule = schedule.merged_chunks(groups)
 
     def _swap_param(self, param: torch.Tensor, sid: int, data: torch.Tensor) -> None:
         """Move a parameter: ``param.data`` is swapped; its new storage is still a
@@ -1010,8 +1032,8 @@ class Sentinel:
         handles = [*self._grad_hooks(run.grad_ready), *self._fetch_hooks(run),
                    *self._fsdp_hooks(run, never_copied)]
         chunked = None
-        if self._chunks is not None and self.schedule.chunk_ops:
-            chunked = ChunkedStep(self.optimizer, self._chunks, run.before_chunk, _nothing,
+        if self._run_chunks is not None and self.schedule.chunk_ops:
+            chunked = ChunkedStep(self.optimizer, self._run_chunks, run.before_chunk, _nothing,
                                   run.before_optimizer)
             chunked.install()
         else:

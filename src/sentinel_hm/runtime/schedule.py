@@ -16,6 +16,7 @@ recognised as the profiled one by the sequence of packed storage sizes.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -91,12 +92,20 @@ class Schedule:
     optimizer_end: int | None  # the op after its last
     pack_clock: tuple[int, ...]  # op clock of every pack and every unpack of the profile
     unpack_clock: tuple[int, ...]
-    chunk_ops: tuple[int, ...]  # first op of each chunk of a streamed optimizer step
+    # first op of each chunk of a streamed optimizer step (the profiled ones, then the
+    # plan's: NOTE [Chunked optimizer step])
+    chunk_ops: tuple[int, ...]
     grad_ops: dict[str, tuple[int, ...]]  # parameter name -> clock of each completed gradient
     n_ops: int
     # NOTE [Parameter reads]: moving parameters read by forward ops after the k-th pack and
     # up to the next (key -1: before the first pack)
     reads_after_pack: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def merged_chunks(self, groups: list[list[int]]) -> Schedule:
+        """NOTE [Chunked optimizer step]: the schedule running the profiled chunks merged into
+        ``groups`` (lists of profiled chunk indices): a merged chunk starts at its first's op."""
+        return dataclasses.replace(
+            self, chunk_ops=tuple(self.chunk_ops[group[0]] for group in groups))
 
     @staticmethod
     def build(trace: Trace, plan: Plan, events: StepEvents) -> Schedule:

@@ -346,7 +346,7 @@ class SteadyStep:
         if c < len(chunk_ops):
             self.advance(chunk_ops[c])
         elif self.mismatch is None:
-            self.mismatched(f"the optimizer ran chunk {c + 1}; the profiled step had "
+            self.mismatched(f"the optimizer ran chunk {c + 1}; the plan runs "
                             f"{len(chunk_ops)}")
         for sid in self.chunk_sids[c] if c < len(self.chunk_sids) else ():
             self.need(sid)
