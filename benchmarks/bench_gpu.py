@@ -589,10 +589,16 @@ def main() -> int:
             rows.append(run.row)
             save(done=False)
     save(done=True)
-    failed = [f"{r['workload']} {r['mode']}" for r in rows if r["failures"]]
-    print(f"bench_gpu: {stem}.md/.json in {args.out_dir}, "
+    return finish("bench_gpu", args.out_dir / stem, started,
+                  [f"{r['workload']} {r['mode']}" for r in rows if r["failures"]], len(rows))
+
+
+def finish(bench: str, path: Path, started: float, failed: list[str], rows: int) -> int:
+    """The run's last line (where its results are, how long it took, which rows failed) and
+    its exit status: 1 if a row failed."""
+    print(f"{bench}: {path.name}.md/.json in {path.parent}, "
           f"{time.perf_counter() - started:.0f} s; "
-          + (f"FAILED: {', '.join(failed)}" if failed else f"all {len(rows)} rows passed"),
+          + (f"FAILED: {', '.join(failed)}" if failed else f"all {rows} rows passed"),
           file=sys.stderr)
     return 1 if failed else 0
 

@@ -78,6 +78,7 @@ from bench_gpu import (
     bounds,
     check_time,
     device_slug,
+    finish,
     interrupt_after,
     measure_link,
     steps_to_steady,
@@ -516,12 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         plain = None
         _free(device)
     save(done=True)
-    failed = [f"{r['model']} {r['mode']}" for r in rows if r["failures"]]
-    print(f"bench_gpu_hf: {stem}.md/.json in {args.out_dir}, "
-          f"{time.perf_counter() - started:.0f} s; "
-          + (f"FAILED: {', '.join(failed)}" if failed else f"all {len(rows)} rows passed"),
-          file=sys.stderr)
-    return 1 if failed else 0
+    return finish("bench_gpu_hf", args.out_dir / stem, started,
+                  [f"{r['model']} {r['mode']}" for r in rows if r["failures"]], len(rows))
 
 
 if __name__ == "__main__":
