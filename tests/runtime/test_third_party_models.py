@@ -7,8 +7,7 @@ budget bytes really move.
 
 A refused budget never passes: below the floor that ``fast_memory="min"`` measures for the
 same model it is skipped with the refusal as the reason; at or above that floor the refusal
-is itself wrong (a larger budget refused where a smaller one trains) and the test is an
-expected failure naming it, until the runtime's measured-budget loop is fixed."""
+is itself wrong (a larger budget refused where a smaller one trains) and the test fails."""
 
 from __future__ import annotations
 
@@ -190,9 +189,9 @@ def test_third_party_model_is_bitwise_equal_within_budget(name, budget):
         smallest = run(name, "min")
         assert smallest.refused is None, smallest.refused
         floor = smallest.stats["budget_bytes"]
-        if asked >= floor:
-            pytest.xfail(f"library bug: {name} at {budget} ({asked:.0f} bytes) refused although "
-                         f'fast_memory="min" trains at {floor} bytes: {message}')
+        if asked >= floor:  # a larger budget refused where a smaller one trains: a bug
+            pytest.fail(f"{name} at {budget} ({asked:.0f} bytes) refused although "
+                        f'fast_memory="min" trains at {floor} bytes: {message}')
         pytest.skip(f"{name} at {budget} refused (below the measured floor of {floor} bytes, "
                     f"{floor / ours.stats['all_fast_peak_bytes']:.1%}): {message}")
     # AdamW streams, and every step matches the profile: no fallbacks, no warnings
