@@ -293,6 +293,9 @@ class Sentinel:
                                              torch.Tensor]] = {}
         self._param_sid: dict[int, int] = {}  # id(parameter) -> its trace storage, if moved
         self._param_key: dict[int, int] = {}  # its trace storage -> its key in _moving_params
+        # a moving parameter's slot address -> (trace storage, the parameter): a save of it as
+        # it leaves during the op that read it (NOTE [Parameter saves])
+        self._param_slots: dict[int, tuple[int, torch.Tensor]] = {}
         self._shard_sid: dict[int, int] = {}  # NOTE [FSDP2]: the same, for a moving shard
         self._chunk_sids: list[list[int]] = []
         self._named = dict(model.named_parameters())  # the names the tracer gives them
@@ -881,6 +884,7 @@ class Sentinel:
         self._held = {}
         self._moving_params = {}
         self._param_key = {}
+        self._param_slots = {}
         self._param_sid = {}
         self._shard_sid = {}
         owners: dict[int, set[int]] = {}  # held trace storage -> id() of its parameters
@@ -910,8 +914,10 @@ class Sentinel:
                                                self._slot(sid))
                 self._shard_sid[id(param)] = sid
                 continue
+            slot = self._slot(sid)
             self._held[sid] = HeldEntry(sid, partial(_same, param),
-                                        partial(self._swap_param, param, sid), self._slot(sid))
+                                        partial(self._swap_param, param, sid), slot)
+            self._param_slots[slot.data_ptr()] = (sid, param)  # NOTE [Parameter saves]
             self._param_sid[id(param)] = sid
             self._track_param(param, sid)
         self._chunk_sids = [
@@ -1017,9 +1023,7 @@ class Sentinel:
         run = SteadyStep(self.schedule, self.tiers, self.mover, self._held, never_copied,
                          self._moving_params, self._chunk_sids)
         run.headroom = self._headroom
-        if not self._sharded:  # NOTE [Parameter saves]: saves of a parameter as it leaves
-            run.param_slots = {self._slot(sid).data_ptr(): (sid, self._named[name])
-                               for sid, name in self.schedule.params.items()}
+        run.param_slots = self._param_slots
         self.mover.reset_counters()
         audit = self._audit_next
         self._audit_next = False
@@ -1121,6 +1125,7 @@ class Sentinel:
             self.mover.drain()
             self._moving_params = {}
             self._param_key = {}
+            self._param_slots = {}
             self._param_sid = {}
 
 

@@ -215,7 +215,7 @@ class SteadyStep:
             return _ParamSave(moving[1], moving[2], t)
         known = self.never_copied.get(key)
         if known is not None and known() is storage:
-            slow = self.param_slots.get(t.data_ptr()) if self.tiers.is_slow(storage) else None
+            slow = self.param_slots.get(t.data_ptr())  # a slot address: the arena
             if slow is not None and slow[1].data_ptr() == t.data_ptr():
                 # the parameter left during the op that read it (an eviction issued at one of
                 # the op's own saves): rebuilt where it lives when backward needs it
