@@ -71,6 +71,7 @@ from _common import RESULTS, environment, with_tuned_malloc, write_results
 from bench_gpu import (
     GRACE_S,
     STATS_KEYS,
+    Mode,
     RowTimeout,
     _bytes,
     _one_line,
@@ -88,17 +89,6 @@ PLAIN_WARMUP = 2  # untimed first steps of the other modes
 SEQ = 1024
 TINY_SEQ = 64
 LEAK_SLACK = 256 << 20  # GPU bytes a row may leave allocated (cuBLAS workspaces, ...)
-
-
-@dataclass(frozen=True)
-class Mode:
-    name: str
-    fast_memory: str | None = None  # Sentinel's budget; None for the other modes
-    policy: str = "sentinel"
-
-    @property
-    def sentinel(self) -> bool:
-        return self.fast_memory is not None
 
 
 MODES = (Mode("plain"), Mode("save_on_cpu"), Mode("checkpoint"),

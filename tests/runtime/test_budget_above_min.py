@@ -13,9 +13,6 @@ now goes on without that knowledge."""
 
 from __future__ import annotations
 
-import re
-
-import pytest
 import torch
 
 import sentinel_hm as sh
@@ -75,18 +72,9 @@ def test_a_quoted_budget_trains_when_recomputing_measures_over_it(monkeypatch):
     measured 165.0 KiB against 164.5 KiB, no correction fitted, and it was given up on. Now
     it is profiled again without recomputing, whose smallest plan fits. The choice is forced
     here."""
-    from .test_everything_moves import SIZES
+    from .test_everything_moves import SIZES, quoted_floor
 
-    torch.manual_seed(0)
-    wl = SIZES["tiny"]("lstm")
-    sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory="1%", trials=0)
-    with pytest.raises(sh.SentinelError, match="smallest it can honour") as refused:
-        for _ in range(4):
-            with sentinel.step():
-                wl.step()
-    quoted = int(re.search(r"smallest it can honour is [^(]*\((\d+) bytes", str(refused.value))
-                 .group(1))
-    sentinel.close()
+    quoted = quoted_floor("tiny", "lstm")
 
     def the_planners_choice_that_time(self, trace):  # by the measured op times, at random
         if self._checkpointed or self._recompute_undone:

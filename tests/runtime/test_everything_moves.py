@@ -254,20 +254,26 @@ SIZES: dict[str, Callable[[str], Workload]] = {
 _ = (cnn, gpt, lstm, mlp)
 
 
-@pytest.mark.parametrize("size", sorted(SIZES))
-@pytest.mark.parametrize("name", ["cnn", "gpt", "lstm", "mlp"])
-def test_the_quoted_smallest_budget_trains_20_steady_steps(name, size):
+def quoted_floor(size: str, name: str) -> int:
+    """The smallest budget a refusal of 1% quotes for workload ``name`` at ``size``, in bytes:
+    refused after the trial step has measured the smallest plan (2 warm-up, profile, trial)."""
     torch.manual_seed(0)
     wl = SIZES[size](name)
     sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory="1%", trials=0)
-    # refused after the trial step has measured the smallest plan (2 warm-up, profile, trial)
     with pytest.raises(sh.SentinelError, match="smallest it can honour") as refused:
         for _ in range(4):
             with sentinel.step():
                 wl.step()
-    quoted = int(re.search(r"smallest it can honour is [^(]*\((\d+) bytes", str(refused.value))
-                 .group(1))
     sentinel.close()
+    found = re.search(r"smallest it can honour is [^(]*\((\d+) bytes", str(refused.value))
+    assert found is not None, refused.value
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("name", ["cnn", "gpt", "lstm", "mlp"])
+def test_the_quoted_smallest_budget_trains_20_steady_steps(name, size):
+    quoted = quoted_floor(size, name)
     torch.manual_seed(0)
     wl = SIZES[size](name)
     sentinel = sh.Sentinel(wl.model, wl.optimizer, fast_memory=quoted, trials=0)
