@@ -155,8 +155,8 @@ def chunk_extras(trace: Trace, chunk_ops: Sequence[int], end: int, fast_bytes: S
 class ChunkedStep:
     """Installs the hooks of NOTE [Chunked optimizer step] for one training step.
 
-    ``before_chunk(c)`` runs before chunk ``c`` is updated, ``after_chunk(c)`` after it;
-    ``whole()`` runs before an update that cannot be chunked (a closure was given).
+    ``before_chunk(c)`` runs before chunk ``c`` is updated; ``whole()`` runs before an
+    update that cannot be chunked (a closure was given).
     """
 
     def __init__(
@@ -164,14 +164,12 @@ class ChunkedStep:
         optimizer: torch.optim.Optimizer,
         chunks: list[list[nn.Parameter]],
         before_chunk: Callable[[int], None],
-        after_chunk: Callable[[int], None],
         whole: Callable[[], None],
     ) -> None:
         self.optimizer = optimizer
         self.chunks = chunks
-        self.before_chunk, self.after_chunk, self.whole = before_chunk, after_chunk, whole
+        self.before_chunk, self.whole = before_chunk, whole
         self._groups: list[list[Any]] | None = None
-        self._whole_chunk = False  # the one chunk runs as torch's own step
         self._hidden: list[dict[str, Any]] | None = None  # the groups, during torch's step
         self._handles: list[Any] = []
 
@@ -222,7 +220,6 @@ class ChunkedStep:
             # user's own call (in the groups' own order)
             self._groups = None
             self.before_chunk(0)
-            self._whole_chunk = True
             return
         raw = type(opt).step.__wrapped__  # type: ignore[attr-defined]  # below torch's hooks
         try:
@@ -231,7 +228,6 @@ class ChunkedStep:
                     group["params"] = params
                 self.before_chunk(c)
                 raw(opt)
-                self.after_chunk(c)
         except BaseException:
             self.restore_groups()
             raise
@@ -243,9 +239,6 @@ class ChunkedStep:
     def _post(self, opt: torch.optim.Optimizer, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> None:
         self.restore_groups()
-        if self._whole_chunk:
-            self._whole_chunk = False
-            self.after_chunk(0)
 
 
 def warn_unstreamed(reason: str) -> None:

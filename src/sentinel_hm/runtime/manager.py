@@ -494,8 +494,7 @@ class Sentinel:
         chunked = None
         if self._chunks is not None:  # the profile sees the update as it will run
             chunked = ChunkedStep(self.optimizer, self._chunks,
-                                  lambda c: tracer.mark_optimizer_chunk(), _nothing,
-                                  self._saw_closure)
+                                  lambda c: tracer.mark_optimizer_chunk(), self._saw_closure)
             chunked.install()
         meter = self.tiers.meter()  # NOTE [One instrument]
         meter.start()
@@ -1037,7 +1036,7 @@ class Sentinel:
                    *self._fsdp_hooks(run, never_copied)]
         chunked = None
         if self._run_chunks is not None and self.schedule.chunk_ops:
-            chunked = ChunkedStep(self.optimizer, self._run_chunks, run.before_chunk, _nothing,
+            chunked = ChunkedStep(self.optimizer, self._run_chunks, run.before_chunk,
                                   run.before_optimizer)
             chunked.install()
         else:
@@ -1127,10 +1126,6 @@ class Sentinel:
             self._param_key = {}
             self._param_slots = {}
             self._param_sid = {}
-
-
-def _nothing(_: int) -> None:
-    pass
 
 
 def _compiled_modules(model: nn.Module) -> list[str]:

@@ -20,9 +20,9 @@ by reference. Three things make that rerun safe, or find that it is not:
   Dropping the cache in the first forward too, as Hugging Face does, would return a cache
   with no entries for the recomputed layers.
 - Parameters fast. A rerun calls the layer's forward directly: the module's own forward
-  pre-hooks, which make its moving parameters fast before it runs, do not fire. The first
-  forward and the rerun both call `CheckpointedLayers.before_forward` with the module first
-  (the manager sets it, per steady step, to make that module's own parameters fast).
+  pre-hooks, which make its moving parameters fast before it runs, do not fire. The rerun
+  calls `CheckpointedLayers.before_forward` with the module first (the manager sets it, per
+  steady step, to make that module's own parameters fast; the first forward ran the hooks).
 - Verified. On a profile step (``verifying``), every tensor autograd saves inside a
   recomputed layer is also copied aside, out of the tracer's sight (the profile stays that of
   the recomputing step). At the first unpack the rerun runs, and each rebuilt tensor must
@@ -62,8 +62,8 @@ _STOP = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
 class CheckpointedLayers:
     """Layers whose forwards are checkpointed, by name; `restore` gives their own back.
 
-    NOTE [Safe reruns]: ``before_forward(module)`` runs before the first forward and before
-    the rerun; ``verifying`` makes the reruns of this step check that they repeat their
+    NOTE [Safe reruns]: ``before_forward(module)`` runs before the rerun (the first forward
+    ran the module's pre-hooks); ``verifying`` makes the reruns of this step check that they repeat their
     forwards (`diverged`: the layers that did not, and why; never wrapped again)."""
 
     def __init__(self) -> None:
@@ -155,10 +155,10 @@ class _Call:
                     b.copy_(value)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
-        if self.layers.before_forward is not None:  # both times: a rerun runs no pre-hooks
-            self.layers.before_forward(self.module)
-        if not self.rerunning:
+        if not self.rerunning:  # ``module(...)`` ran its pre-hooks (`_fetch_hooks`) already
             return self.forward(*args, **kwargs)
+        if self.layers.before_forward is not None:  # a rerun runs no pre-hooks
+            self.layers.before_forward(self.module)
         args, kwargs = _without_cache(self.signature, args, kwargs)
         try:
             return self.forward(*args, **kwargs)

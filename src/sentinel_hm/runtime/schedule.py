@@ -175,12 +175,10 @@ def _reads_after_pack(trace: Trace, params: frozenset[int],
     first_pack = {c: k for k, c in reversed(list(enumerate(pack_clock)))}
     out: dict[int, list[int]] = {}
     for op in trace.ops:
-        if op.phase is not Phase.FORWARD:
+        read = [sid for sid in op.inputs if sid in params] if op.phase is Phase.FORWARD else ()
+        if not read:
             continue
-        for sid in op.inputs:
-            if sid in params:
-                before = bisect.bisect_left(forward_packs, op.index) - 1
-                k = first_pack[forward_packs[before]] if before >= 0 else -1
-                if sid not in out.setdefault(k, []):
-                    out[k].append(sid)
+        before = bisect.bisect_left(forward_packs, op.index) - 1
+        at = out.setdefault(first_pack[forward_packs[before]] if before >= 0 else -1, [])
+        at.extend(sid for sid in read if sid not in at)
     return {k: tuple(v) for k, v in out.items()}

@@ -96,6 +96,9 @@ class SteadyStep:
         # a moving parameter's slot address -> (its trace storage, the parameter): a save of
         # a parameter that left during the op that saved it (NOTE [Parameter saves])
         self.param_slots: dict[int, tuple[int, torch.Tensor]] = {}
+        # NOTE [Parameter reads]: under direct access an op reads a slow parameter in place
+        self.reads_after_pack = (schedule.reads_after_pack if tiers.access is Access.MIGRATE
+                                 else {})
         self.chunk_sids = chunk_sids  # held entries each optimizer chunk updates
         self.grad_events: dict[str, int] = {}
         self.pack_calls = 0
@@ -203,7 +206,7 @@ class SteadyStep:
         clock = self.schedule.pack_clock
         if self.mismatch is None and n < len(clock):
             self.advance(clock[n])
-            for sid in self.schedule.reads_after_pack.get(n, ()):
+            for sid in self.reads_after_pack.get(n, ()):
                 self.need(sid)  # NOTE [Parameter reads]
         return packed
 
@@ -305,7 +308,7 @@ class SteadyStep:
             if isinstance(held, ResizedEntry):
                 held.evict(self.mover, self.tiers)
                 self.in_flight.append(held)
-        for sid in self.schedule.reads_after_pack.get(-1, ()):
+        for sid in self.reads_after_pack.get(-1, ()):
             self.need(sid)  # NOTE [Parameter reads]: read before the first event
 
     def hold(self, sids: list[int]) -> None:

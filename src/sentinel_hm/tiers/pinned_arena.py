@@ -50,7 +50,6 @@ PAGE = 4096
 
 ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
 OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation
-NOT_REGISTERED = 713  # cudaErrorHostMemoryNotRegistered
 
 
 class HostRuntime(Protocol):
